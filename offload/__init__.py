@@ -1,0 +1,33 @@
+"""Keep, offload to pinned host memory, or recompute every activation autograd saves.
+
+    hc = offload.HybridCheckpointer(model, policy="auto", device_budget="12GiB", host_budget="64GiB")
+    with hc:
+        loss = model(batch).loss
+    loss.backward()
+    print(hc.report())
+
+Importing this package starts neither CUDA nor NVML.
+"""
+import logging
+
+from scheduler.plan import Action
+
+from .checkpointer import HybridCheckpointer
+from .emulated import EmulatedBackend
+from .errors import OffloadError
+from .hostpool import HostPool
+from .peakmem import PeakMemory
+from .policy import RegionSite, TensorSite
+from .report import Report
+from .transfer import TransferBackend
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    # the runtime
+    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError",
+    # what it reports
+    "Report", "PeakMemory",
+    # mechanism, for tests and custom setups
+    "TransferBackend", "EmulatedBackend", "HostPool",
+]

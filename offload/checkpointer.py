@@ -1,0 +1,214 @@
+"""`HybridCheckpointer`: the public entry point. `with hc:` wraps one forward pass."""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import nn
+
+from scheduler.plan import Action
+
+from .budget import Budget, local_world_size, parse_budget
+from .emulated import EmulatedBackend
+from .errors import OffloadError
+from .hooks import ForwardPass, storage_key
+from .hostpool import HostPool
+from .policy import Policy, RegionSite, TensorSite, resolve_policy
+from .recompute import ReplayGuard
+from .regions import Region, RegionHooks, resolve_regions
+from .report import Report
+from .stats import StepStats
+from .transfer import TransferBackend
+
+log = logging.getLogger(__name__)
+
+PolicyArg = Union[str, Action, Callable[[Union[RegionSite, TensorSite]], Union[Action, None]]]
+HOST_SHARE = 0.5  # default host budget: this share of available host memory, split among local ranks
+DEVICE_HEADROOM = 0.10  # default device budget: free device memory less this share
+
+
+class HybridCheckpointer:
+    """Keeps, offloads or recomputes every activation autograd saves inside `with hc:`.
+
+    Args:
+        model: the model (used to find regions and the parameters never to move); optional.
+        policy: "auto" (the scheduler plans under the budgets), "keep", "offload", "recompute",
+            an `offload.Action`, or a callable given a `RegionSite` per region call and a
+            `TensorSite` per saved tensor, returning an `Action` (or None for the default).
+        device_budget: bytes that saved activations may occupy on the device at once ("auto"
+            plans under it); int bytes or "12GiB", "512MB", "40%" (of free device memory).
+            None: free device memory less 10%.
+        host_budget: pinned host bytes the runtime may hold, same forms ("40%" of available
+            host memory). None: half the available host memory (cgroup-aware), divided among
+            the ranks on this host (LOCAL_WORLD_SIZE). Offloads beyond it fall back to keep.
+        regions: "auto" (the repeated blocks of `model`), a list of modules, or None (no
+            recompute: per-tensor keep/offload only).
+        backend: "auto" (CUDA when the model is on a GPU, else the CPU emulation), or a
+            `TransferBackend` instance (e.g. `EmulatedBackend(d2h_delay_s=0.01)` in tests).
+        min_offload_bytes: storages smaller than this are never offloaded (None: the backend's
+            default, 512 KiB, about where a copy's fixed cost equals its transfer time).
+        lookahead: regions ahead of backward at which reloads are issued (None: the policy's
+            choice, 1 for fixed policies; 0: reload on demand at unpack).
+        keep_last: region calls at the end of forward kept resident under "offload" (backward
+            needs them at once).
+        slab_bytes: host pool slab size (a power of two).
+
+    Memory guarantee (fixed policies): saved activations on the device are at most
+    kept + in-flight D2H + reloaded-and-not-yet-released + one recomputed region; pinned host
+    bytes never exceed `host_budget`.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, policy: PolicyArg = "auto",
+                 device_budget: Budget = None, host_budget: Budget = None,
+                 regions: Union[str, Sequence[nn.Module], None] = "auto",
+                 backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
+                 lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20):
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
+        self.model = model
+        self.regions: list[Region] = resolve_regions(model, regions)
+        fixed = resolve_policy(policy)
+        if isinstance(policy, (str, Action)) and fixed is not None and getattr(fixed, "action", None) is Action.RECOMPUTE \
+                and not self.regions:
+            raise ValueError(f"HybridCheckpointer(policy={policy!r}): recompute needs regions; pass model= "
+                             f"with repeated blocks, or regions=[...]")
+        for name, value in (("keep_last", keep_last), ("lookahead", lookahead), ("min_offload_bytes", min_offload_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"HybridCheckpointer({name}={value!r}): expected an int >= 0")
+        self._backend = self._make_backend(backend)
+        self.device = self._backend.device
+        self.device_budget = parse_budget("device_budget", device_budget, self._device_available)
+        self.host_budget = parse_budget("host_budget", host_budget, _host_available)
+        if self.host_budget is None:
+            self.host_budget = int(_host_available() * HOST_SHARE / local_world_size())
+        self.min_offload_bytes = (self._backend.default_min_offload_bytes if min_offload_bytes is None
+                                  else min_offload_bytes)
+        self.keep_last = keep_last
+        self._lookahead_override = lookahead
+        self._pool = HostPool(self._backend, self.host_budget, slab_bytes)
+        self._policy: Policy = fixed if fixed is not None else self._make_auto_policy()
+        self.policy_name = policy if isinstance(policy, str) else getattr(policy, "name", "callable")
+        self._replay_guard = ReplayGuard()
+        self._copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Rule 4
+        self._expected_calls = 0
+        self._active: ForwardPass | None = None
+        self._stats = StepStats(step=0)
+        self._backward_seen = False
+        self._history: list[StepStats] = []
+
+    # -- construction helpers ------------------------------------------------------------------
+    def _make_backend(self, backend) -> TransferBackend:
+        if isinstance(backend, TransferBackend):
+            return backend
+        if backend == "emulated":
+            return EmulatedBackend()
+        if backend not in ("auto", "cuda"):
+            raise ValueError(f"HybridCheckpointer(backend={backend!r}): use 'auto', 'cuda', 'emulated' or a "
+                             f"TransferBackend instance")
+        device = _model_device(self.model, self.regions)
+        if backend == "cuda" or (device is not None and device.type == "cuda"):
+            from .cudastreams import CudaBackend
+            return CudaBackend(device if device is not None and device.type == "cuda" else None)
+        return EmulatedBackend()
+
+    def _device_available(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free
+        return _host_available()
+
+    def _make_auto_policy(self) -> Policy:
+        from .autoplan import AutoPolicy
+        return AutoPolicy(self)
+
+    # -- the context manager -------------------------------------------------------------------
+    def __enter__(self) -> "HybridCheckpointer":
+        if self._active is not None:
+            raise OffloadError("HybridCheckpointer: `with hc:` is already active (nested or concurrent "
+                               "forwards under one checkpointer are not supported); use one `with` per forward")
+        if self._backward_seen:
+            self._begin_step()
+        params = set()
+        if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
+            params = {storage_key(p) for p in self.model.parameters()}
+            params |= {storage_key(b) for b in self.model.buffers()}
+        fp = ForwardPass(self, params)
+        region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
+        saved_hooks = torch.autograd.graph.saved_tensors_hooks(fp.pack, fp.unpack)
+        try:
+            saved_hooks.__enter__()
+        except BaseException:
+            region_hooks.remove()
+            raise
+        self._active = fp
+        self._region_hooks, self._saved_hooks = region_hooks, saved_hooks
+        self._policy.begin_forward(fp)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        fp = self._active
+        try:  # Rule 9: whatever happened in forward, the hooks come off and the state closes
+            self._saved_hooks.__exit__(exc_type, exc, tb)
+        finally:
+            self._region_hooks.remove()
+            self._active = None
+            fp.close()
+            self._stats.forwards += 1
+            self._policy.end_forward(fp, failed=exc_type is not None)
+
+    # -- used by ForwardPass -------------------------------------------------------------------
+    def _note_backward(self) -> None:
+        self._backward_seen = True
+
+    def _lookahead(self) -> int:
+        return self._policy.lookahead() if self._lookahead_override is None else self._lookahead_override
+
+    def _begin_step(self) -> None:
+        self._finish_step()
+        self._history.append(self._stats)
+        del self._history[:-64]
+        self._stats = StepStats(step=self._stats.step + 1)
+        self._pool.reset_high_water()
+        self._backward_seen = False
+
+    def _finish_step(self) -> None:
+        self._stats.host_in_use = self._pool.in_use
+        self._stats.host_high_water = max(self._stats.host_high_water, self._pool.high_water)
+
+    # -- public ----------------------------------------------------------------------------------
+    @property
+    def stats(self) -> StepStats:
+        """Counters of the current step (the one the last forward belongs to)."""
+        self._finish_step()
+        return self._stats
+
+    @property
+    def host_pool(self) -> HostPool:
+        return self._pool
+
+    @property
+    def backend(self) -> TransferBackend:
+        return self._backend
+
+    def report(self) -> Report:
+        """What moved in the current step and how well it overlapped."""
+        self._backend.poll()
+        return Report.build(self, self.stats)
+
+    def __repr__(self) -> str:
+        return (f"HybridCheckpointer(policy={self.policy_name!r}, regions={len(self.regions)}, "
+                f"backend={self._backend.name}, host_budget={self.host_budget})")
+
+
+def _model_device(model: nn.Module | None, regions: list[Region]) -> torch.device | None:
+    for mod in ([model] if model is not None else []) + [r.module for r in regions]:
+        for p in mod.parameters():
+            return p.device
+    return None
+
+
+def _host_available() -> int:
+    from .hostmem import available_host_bytes
+    return available_host_bytes()

@@ -1,0 +1,140 @@
+"""The CUDA transfer backend: one D2H and one H2D side stream, one event per copy.
+
+Rule 2 (stream discipline), line by line:
+  - the compute stream is read at call time with `torch.cuda.current_stream()`, never cached and
+    never read inside a side-stream context (backward runs on autograd's device threads, whose
+    current stream is the one the forward op ran on);
+  - D2H: the side stream waits for the compute stream's queued work, copies into pinned blocks,
+    records its event; `release(src, after)` calls `record_stream` so the caching allocator does
+    not hand the source out again before that copy has run;
+  - H2D: the destination is allocated on the compute stream; the side stream waits for that point
+    and for the tensor's D2H event, copies, records its event; the destination is recorded on the
+    side stream too, so dropping a prefetched tensor that was never used cannot free it under the
+    copy; the compute stream waits on that tensor's event alone before using it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import torch
+
+from .transfer import CopyEvent, CopyRecord, TransferBackend
+
+log = logging.getLogger(__name__)
+
+
+class CudaEvent(CopyEvent):
+    """A copy on a CUDA side stream: its end event, timing events, and the stream it ran on."""
+
+    __slots__ = ("end", "start", "stream", "record")
+
+    def __init__(self, stream: torch.cuda.Stream, start: torch.cuda.Event, end: torch.cuda.Event,
+                 record: CopyRecord):
+        self.stream = stream
+        self.start = start
+        self.end = end
+        self.record = record
+
+
+class CudaBackend(TransferBackend):
+    """Side streams and events on one CUDA device."""
+
+    name = "cuda"
+
+    def __init__(self, device: torch.device | str | int | None = None, *, d2h_delay_cycles: int = 0,
+                 h2d_delay_cycles: int = 0):
+        """`*_delay_cycles`: spin the side stream this many GPU cycles before each copy
+        (`torch.cuda._sleep`), to open race windows in tests."""
+        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"CudaBackend(device={device!r}): not a CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self._d2h: torch.cuda.Stream | None = None
+        self._h2d: torch.cuda.Stream | None = None
+        self._origin: torch.cuda.Event | None = None
+        self._origin_host = time.perf_counter()
+        self.order: list[tuple[str, str]] = []
+        self._delay_cycles = {"d2h": d2h_delay_cycles, "h2d": h2d_delay_cycles}
+
+    def _side(self, direction: str) -> torch.cuda.Stream:
+        if self._d2h is None:
+            self._d2h = torch.cuda.Stream(self.device)
+            self._h2d = torch.cuda.Stream(self.device)
+            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin.record(torch.cuda.current_stream(self.device))
+            self._origin_host = time.perf_counter()
+        return self._d2h if direction == "d2h" else self._h2d
+
+    def alloc_host(self, nbytes: int) -> torch.Tensor:
+        # The host caching allocator rounds to powers of two; the pool asks for powers of two only.
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def d2h(self, src: torch.Tensor, dsts: Sequence[torch.Tensor], label: str = "") -> CopyEvent:
+        stream = self._side("d2h")
+        compute = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream.wait_stream(compute)  # the source is complete on the compute stream
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            self._spin("d2h")
+            off = 0
+            for d in dsts:
+                n = d.numel()
+                d.copy_(src[off:off + n], non_blocking=True)
+                off += n
+            end.record(stream)
+        self.order.append(("d2h", label))
+        return CudaEvent(stream, start, end, CopyRecord("d2h", src.numel(), label))
+
+    def h2d(self, srcs: Sequence[torch.Tensor], nbytes: int, after: CopyEvent,
+            label: str = "") -> tuple[torch.Tensor, CopyEvent]:
+        stream = self._side("h2d")
+        compute = torch.cuda.current_stream(self.device)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream.wait_stream(compute)  # the destination's allocation point
+        stream.wait_event(after.end)  # never read a host block before its D2H finished
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            self._spin("h2d")
+            off = 0
+            for s in srcs:
+                n = s.numel()
+                dst[off:off + n].copy_(s, non_blocking=True)
+                off += n
+            end.record(stream)
+        dst.record_stream(stream)
+        self.order.append(("h2d", label))
+        return dst, CudaEvent(stream, start, end, CopyRecord("h2d", nbytes, label))
+
+    def _spin(self, direction: str) -> None:
+        if self._delay_cycles[direction]:
+            torch.cuda._sleep(self._delay_cycles[direction])
+
+    def wait(self, event: CopyEvent) -> float:
+        torch.cuda.current_stream(self.device).wait_event(event.end)
+        return 0.0  # the host does not block; the stall shows on the device timeline
+
+    def query(self, event: CopyEvent) -> bool:
+        return event.end.query()
+
+    def synchronize(self, event: CopyEvent) -> None:
+        event.end.synchronize()
+
+    def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
+        if after is not None and buf.is_cuda:
+            buf.record_stream(after.stream)
+
+    def now(self) -> float:
+        return time.perf_counter() - self._origin_host
+
+    def resolve_event(self, event: CopyEvent) -> None:
+        """Fill the record's start/end (seconds from the backend origin) once the copy finished."""
+        rec = event.record
+        if rec.end_s is None and self._origin is not None and event.end.query():
+            rec.start_s = self._origin.elapsed_time(event.start) / 1e3
+            rec.end_s = self._origin.elapsed_time(event.end) / 1e3

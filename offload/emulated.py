@@ -1,0 +1,215 @@
+"""CPU emulation of the CUDA transfer backend, for tests and machines without a GPU.
+
+The "device" is the CPU. Each side stream is one worker thread (so copies on it run in order and
+overlap the compute thread: torch copies release the GIL), an event is a future, and tests can
+inject a delay (or a link speed) into every copy to open race windows.
+
+On the CPU nothing is freed while a Python reference lives, so misuse that would corrupt data on
+a GPU is made visible on purpose: a source released before its copy finished, or a host block
+handed out again while a copy still touches it, is *poisoned* (filled with 0xFF bytes, NaN for
+floating types). A test then fails exactly where a GPU would have produced wrong gradients.
+
+Every allocation and every final release of a device buffer happens on the compute thread, as the
+CUDA caching allocator would see it; the torch profiler records only that thread's memory events.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+
+from .transfer import CopyEvent, CopyRecord, TransferBackend
+
+log = logging.getLogger(__name__)
+
+Delay = Callable[[str, int], float]  # (direction, nbytes) -> seconds
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+class EmulatedEvent(CopyEvent):
+    """A copy on an emulated side stream: a future plus its timestamps."""
+
+    __slots__ = ("future", "record", "spans")
+
+    def __init__(self, record: CopyRecord, spans: list[tuple[int, int]]):
+        self.future: Future | None = None
+        self.record = record
+        self.spans = spans
+
+
+class EmulatedBackend(TransferBackend):
+    """Worker threads stand in for CUDA side streams.
+
+    `d2h_delay_s` / `h2d_delay_s` (seconds, or a callable `(direction, nbytes) -> seconds`) are
+    slept before each copy; `bytes_per_s` adds nbytes / bytes_per_s to each copy to emulate a link.
+    """
+
+    name = "emulated"
+
+    def __init__(self, *, d2h_delay_s: float | Delay = 0.0, h2d_delay_s: float | Delay = 0.0,
+                 bytes_per_s: float | None = None):
+        self.device = torch.device("cpu")
+        self._delays = {"d2h": d2h_delay_s, "h2d": h2d_delay_s}
+        self._bytes_per_s = bytes_per_s
+        self._origin = time.perf_counter()
+        self._lock = threading.Lock()
+        self._inflight: set[EmulatedEvent] = set()
+        self._deferred: list[tuple[torch.Tensor, CopyEvent]] = []
+        self._streams: dict[str, ThreadPoolExecutor] = {}
+        self._mmaps: list[mmap.mmap] = []
+        self.poisoned = 0  # buffers poisoned because they were released or reused too early
+        self.order: list[tuple[str, str]] = []  # (direction, label) in issue order
+
+    # -- host memory --------------------------------------------------------------------------
+    def alloc_host(self, nbytes: int) -> torch.Tensor:
+        # Anonymous mmap, not torch's CPU allocator: host blocks are a separate tier, invisible to
+        # the profiler's memory events that stand in for device memory (DESIGN.md §6).
+        buf = mmap.mmap(-1, max(nbytes, 1))
+        self._mmaps.append(buf)
+        return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+
+    # -- copies ---------------------------------------------------------------------------------
+    def d2h(self, src: torch.Tensor, dsts: Sequence[torch.Tensor], label: str = "") -> CopyEvent:
+        self.poll()
+        spans = [_span(src)] + [_span(d) for d in dsts]
+        box = [src, list(dsts)]
+
+        def copy(ev: EmulatedEvent) -> None:
+            s, ds = box
+            box.clear()
+            off = 0
+            for d in ds:
+                n = d.numel()
+                d.copy_(s[off:off + n])
+                off += n
+
+        return self._submit("d2h", src.numel(), label, spans, copy, after=None)
+
+    def h2d(self, srcs: Sequence[torch.Tensor], nbytes: int, after: CopyEvent,
+            label: str = "") -> tuple[torch.Tensor, CopyEvent]:
+        self.poll()
+        dst = torch.empty(nbytes, dtype=torch.uint8)  # allocated on the compute thread
+        spans = [_span(dst)] + [_span(s) for s in srcs]
+        box = [dst, list(srcs)]
+
+        def copy(ev: EmulatedEvent) -> None:
+            d, ss = box
+            box.clear()
+            off = 0
+            for s in ss:
+                n = s.numel()
+                d[off:off + n].copy_(s)
+                off += n
+
+        return dst, self._submit("h2d", nbytes, label, spans, copy, after=after)
+
+    def _submit(self, direction: str, nbytes: int, label: str, spans, copy, after) -> EmulatedEvent:
+        ev = EmulatedEvent(CopyRecord(direction, nbytes, label), spans)
+        delay = self._delay(direction, nbytes)
+        with self._lock:
+            self._inflight.add(ev)
+            self.order.append((direction, label))
+        stream = self._stream(direction)
+
+        def job() -> None:
+            try:
+                if after is not None:
+                    after.future.result()  # Rule 2: a reload starts only after its D2H finished
+                ev.record.start_s = self.now()
+                if delay > 0:
+                    time.sleep(delay)
+                copy(ev)
+                ev.record.end_s = self.now()
+            finally:
+                with self._lock:
+                    self._inflight.discard(ev)
+
+        ev.future = stream.submit(job)
+        return ev
+
+    def _delay(self, direction: str, nbytes: int) -> float:
+        d = self._delays[direction]
+        s = d(direction, nbytes) if callable(d) else float(d)
+        if self._bytes_per_s:
+            s += nbytes / self._bytes_per_s
+        return s
+
+    def _stream(self, direction: str) -> ThreadPoolExecutor:
+        ex = self._streams.get(direction)
+        if ex is None:
+            ex = self._streams[direction] = ThreadPoolExecutor(1, thread_name_prefix=f"offload-{direction}")
+        return ex
+
+    # -- events ---------------------------------------------------------------------------------
+    def wait(self, event: CopyEvent) -> float:
+        t0 = time.perf_counter()
+        event.future.result()
+        blocked = time.perf_counter() - t0
+        self.poll()
+        return blocked
+
+    def query(self, event: CopyEvent) -> bool:
+        return event.future.done()
+
+    def synchronize(self, event: CopyEvent) -> None:
+        event.future.result()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._origin
+
+    # -- giving memory back ---------------------------------------------------------------------
+    def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
+        if after is None or after.future.done():
+            self._check_unused(buf, "released")
+            return
+        with self._lock:
+            self._deferred.append((buf, after))
+
+    def claim(self, buf: torch.Tensor) -> None:
+        self._check_unused(buf, "reused")
+
+    def poll(self) -> None:
+        with self._lock:
+            if not self._deferred:
+                return
+            ready = [(b, e) for b, e in self._deferred if e.future.done()]
+            self._deferred = [(b, e) for b, e in self._deferred if not e.future.done()]
+        for buf, _ in ready:
+            self._check_unused(buf, "released")
+        # `ready` dies here, on the compute thread: the last reference to a source goes now.
+
+    def _check_unused(self, buf: torch.Tensor, what: str) -> None:
+        lo, hi = _span(buf)
+        with self._lock:
+            busy = [e for e in self._inflight if any(a < hi and lo < b for a, b in e.spans)]
+        if busy:
+            self.poisoned += 1
+            log.warning("emulated backend: buffer %s while a %s copy (%s) still used it; poisoning it",
+                        what, busy[0].record.direction, busy[0].record.label)
+            buf.view(torch.uint8).fill_(0xFF)
+
+    def pending(self) -> int:
+        """Copies submitted and not finished."""
+        with self._lock:
+            return len(self._inflight)
+
+    def drain(self) -> None:
+        """Wait for every queued copy (tests and shutdown)."""
+        for ex in list(self._streams.values()):
+            ex.submit(lambda: None).result()
+        self.poll()
+
+    def close(self) -> None:
+        for ex in self._streams.values():
+            ex.shutdown(wait=True)
+        self._streams.clear()
+        self.poll()

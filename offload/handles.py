@@ -1,0 +1,150 @@
+"""The packed objects autograd holds in place of saved tensors.
+
+Rule 1 (lifetime lives in the handle): each handle owns what backward needs (a device
+reference, a share of a host copy, or a recompute slot) and gives it back when autograd drops
+it. Unpack is repeatable (retain_graph=True, a second read of `grad_fn._saved_*`); nothing is
+freed on unpack. Handles that are never unpacked are freed with their graph. There is no global
+tracker that must end empty.
+
+Rule 5 (in-place safety): with saved-tensor hooks installed autograd skips its version-counter
+check, so the handles do it: `tensor._version` is recorded at pack and compared at unpack.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import OffloadError
+
+if TYPE_CHECKING:
+    from .hostpool import Block, HostPool
+    from .stats import StepStats
+    from .transfer import CopyEvent, TransferBackend
+
+
+def _describe(t: torch.Tensor, where: str) -> str:
+    return f"tensor of shape {tuple(t.shape)} and dtype {t.dtype} saved in {where}"
+
+
+def check_version(t: torch.Tensor | None, saved_version: int, where: str) -> None:
+    """Rule 5: raise if `t` was modified in place after it was saved."""
+    if t is not None and t._version != saved_version:
+        raise OffloadError(
+            f"offload: a {_describe(t, where)} was modified in place after it was saved for backward "
+            f"(version {saved_version} at save, {t._version} now). Backward would use the wrong "
+            f"values. Clone it before modifying it (x = x.clone()), or use the out-of-place op.")
+
+
+class KeepHandle:
+    """The tensor stays on the device; the handle holds the reference autograd would hold."""
+
+    __slots__ = ("tensor", "version", "where")
+
+    def __init__(self, tensor: torch.Tensor, where: str):
+        self.tensor = tensor
+        self.version = tensor._version
+        self.where = where
+
+    def unpack(self) -> torch.Tensor:
+        check_version(self.tensor, self.version, self.where)
+        return self.tensor
+
+
+class HostCopy:
+    """One device storage copied to pinned host blocks (Rule 4: one copy per storage).
+
+    Shared by every handle that saved a view of the storage. Holds the D2H event, and once
+    reloaded, the device copy and its H2D event. Returns its blocks to the pool when the last
+    handle sharing it dies.
+    """
+
+    __slots__ = ("pool", "backend", "blocks", "nbytes", "d2h_event", "h2d_event", "device_bytes",
+                 "stats", "label", "_lock", "__weakref__")
+
+    def __init__(self, pool: "HostPool", backend: "TransferBackend", blocks: list["Block"],
+                 src: torch.Tensor, stats: "StepStats", label: str):
+        self.pool = pool
+        self.backend = backend
+        self.blocks = blocks
+        self.nbytes = src.numel()
+        self.stats = stats
+        self.label = label
+        self._lock = threading.Lock()
+        self.h2d_event: CopyEvent | None = None
+        self.device_bytes: torch.Tensor | None = None
+        self.d2h_event = backend.d2h(src, [b.view for b in blocks], label=label)
+        stats.add_copy(self.d2h_event)
+        backend.release(src, after=self.d2h_event)  # Rule 2: no reuse of the source before the copy
+
+    def reload(self, prefetch: bool) -> None:
+        """Issue the H2D copy unless it was issued already (idempotent, thread-safe)."""
+        with self._lock:
+            if self.device_bytes is not None:
+                return
+            self.device_bytes, self.h2d_event = self.backend.h2d(
+                [b.view for b in self.blocks], self.nbytes, after=self.d2h_event, label=self.label)
+        self.stats.add_reload(self.h2d_event, prefetch=prefetch)
+
+    def materialize(self) -> torch.Tensor:
+        """The device copy, reloaded on demand if no prefetch asked for it; the compute stream
+        waits only on this copy's event."""
+        if self.device_bytes is None:
+            self.reload(prefetch=False)
+        self.stats.add_stall(self.backend.wait(self.h2d_event))
+        return self.device_bytes
+
+    def __del__(self) -> None:
+        try:
+            self.pool.free(self.blocks, after=[self.d2h_event, self.h2d_event])
+        except Exception:  # interpreter shutdown: the pool may be gone already
+            pass
+
+
+class OffloadHandle:
+    """A view of an offloaded storage: the shared host copy plus the view's geometry."""
+
+    __slots__ = ("copy", "dtype", "offset", "size", "stride", "version", "ref", "where", "device")
+
+    def __init__(self, copy: HostCopy, t: torch.Tensor, where: str):
+        self.copy = copy
+        self.dtype = t.dtype
+        self.offset = t.storage_offset()
+        self.size = t.size()
+        self.stride = t.stride()
+        self.version = t._version
+        self.ref = weakref.ref(t)  # only to check the version if the tensor still lives
+        self.where = where
+        self.device = t.device
+
+    def unpack(self) -> torch.Tensor:
+        check_version(self.ref(), self.version, self.where)
+        data = self.copy.materialize()
+        out = torch.empty(0, dtype=self.dtype, device=self.device)
+        return out.set_(data.untyped_storage(), self.offset, self.size, self.stride)
+
+
+class SlotHandle:
+    """A tensor dropped for recompute: filled by its region's replay on first unpack."""
+
+    __slots__ = ("frame", "index", "value", "__weakref__")
+
+    def __init__(self, frame, index: int):
+        self.frame = frame
+        self.index = index
+        self.value: torch.Tensor | None = None
+
+    def unpack(self) -> torch.Tensor:
+        if self.value is None:
+            self.frame.replay()
+        if self.value is None:
+            raise OffloadError(f"offload: recompute of {self.frame.name} did not produce saved tensor "
+                               f"#{self.index}; this is a bug in offload")
+        return self.value
+
+
+def unpack_hook(handle) -> torch.Tensor:
+    """The unpack side of the saved-tensor hooks: every handle knows how to give its tensor back."""
+    return handle.unpack()

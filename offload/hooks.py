@@ -1,0 +1,265 @@
+"""The pack hook: classify every tensor autograd saves during one forward, apply its action.
+
+One `ForwardPass` per `with hc:` (Rule 8: per-forward state is keyed by the forward, never
+global). The forward is cut into segments: each region call is one, and so is every stretch
+between region calls. Each segment gets a plan from the policy when it starts.
+
+Rule 6 (filters): never offload parameters, buffers or their views (their storages are
+collected per forward and per region call, since FSDP unshards them late; and any view of a leaf
+that requires grad counts as a parameter), tensors not on the compute device, tensor subclasses
+(fake, functional, DTensor), or storages below the byte threshold.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from scheduler.plan import Action, SegmentPlan
+from scheduler.profile import TensorRecord
+
+from .handles import HostCopy, KeepHandle, OffloadHandle
+from .policy import RegionSite, TensorSite
+from .recompute import RecomputeFrame
+
+if TYPE_CHECKING:
+    from .checkpointer import HybridCheckpointer
+    from .regions import Region
+
+log = logging.getLogger(__name__)
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+@dataclass
+class Segment:
+    """One segment of this forward: a region call or a stretch between region calls."""
+
+    index: int
+    name: str
+    plan: SegmentPlan
+    site: RegionSite | None = None
+    frame: RecomputeFrame | None = None
+    copies: list = field(default_factory=list)  # weakrefs to HostCopy, in pack order
+    forward_start: float = 0.0
+    forward_end: float = 0.0
+    backward_start: float | None = None
+
+
+def storage_key(t: torch.Tensor) -> StorageWeakRef:
+    return StorageWeakRef(t.untyped_storage())
+
+
+class ForwardPass:
+    """Everything one `with hc:` forward owns; its hooks close over it."""
+
+    def __init__(self, hc: "HybridCheckpointer", param_storages: set):
+        self.hc = hc
+        self.backend = hc._backend
+        self.device = hc._backend.device
+        self.stats = hc._stats
+        self.param_storages = param_storages
+        self.pack_index = 0
+        self.region_calls = 0
+        self.depth = 0  # region nesting: an inner region is part of the outer one
+        self.segments: list[Segment] = []
+        self._seen: dict[StorageWeakRef, int] = {}  # storage -> index into self.records
+        self._counted: set[StorageWeakRef] = set()
+        self._calls_of: dict[int, int] = {}  # id(region module) -> calls so far
+        self.records: list[TensorRecord] = []
+        self._open_gap()
+
+    # -- segments ------------------------------------------------------------------------------------
+    def _tail_from(self) -> int:
+        """Region-call index from which calls count as the tail (kept resident)."""
+        expected = self.hc._expected_calls or len(self.hc.regions)
+        return expected - self.hc.keep_last
+
+    def _open_gap(self) -> None:
+        idx = len(self.segments)
+        tail = bool(self.hc.regions) and self.region_calls > self._tail_from()
+        plan = self.hc._policy.gap(idx, tail)
+        seg = Segment(idx, "(between regions)" if idx else "(before regions)", plan)
+        seg.forward_start = self.backend.now()
+        if self.segments:
+            self.segments[-1].forward_end = seg.forward_start
+        self.segments.append(seg)
+
+    def enter_region(self, region: "Region", args: tuple, kwargs: dict) -> None:
+        if self.hc._replay_guard.depth:
+            return
+        self.depth += 1
+        if self.depth > 1:
+            return
+        for p in region.module.parameters():  # FSDP materialises unsharded parameters here
+            self.param_storages.add(storage_key(p))
+        for b in region.module.buffers():
+            self.param_storages.add(storage_key(b))
+        call = self.region_calls
+        site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
+        idx = len(self.segments)
+        plan = self.hc._policy.region(site, idx)
+        nth = self._calls_of.get(id(region.module), 0)
+        self._calls_of[id(region.module)] = nth + 1
+        seg = Segment(idx, region.name if nth == 0 else f"{region.name}#{nth}", plan, site)
+        seg.forward_start = self.backend.now()
+        self.segments[-1].forward_end = seg.forward_start
+        self.segments.append(seg)
+        if plan.action is Action.RECOMPUTE:
+            seg.frame = RecomputeFrame(
+                region.name, region.module.forward, args, kwargs, self.device,
+                pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.hc._replay_guard,
+                on_replay=self.stats.add_replay)
+
+    def exit_region(self, region: "Region", output) -> None:
+        if self.hc._replay_guard.depth:
+            return
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        seg = self.segments[-1]
+        seg.frame = None  # the frame now lives as long as its slots
+        self.region_calls += 1
+        if output is not None:
+            from .regions import output_grad_fns
+            for fn in output_grad_fns(output):
+                fn.register_prehook(self._backward_hook(seg.index))
+        self._open_gap()
+
+    def close(self) -> None:
+        """End of forward: keep what backward needs (segments), drop the per-forward maps."""
+        self.segments[-1].forward_end = self.backend.now()
+        self.hc._expected_calls = self.region_calls
+        self._seen.clear()
+        self._counted.clear()
+        for seg in self.segments:
+            seg.frame = None
+
+    # -- pack --------------------------------------------------------------------------------------
+    def pack(self, t: torch.Tensor):
+        self.backend.poll()
+        k = self.pack_index
+        self.pack_index += 1
+        seg = self.segments[-1]
+        param = self._is_param(t)
+        self._record(k, t, seg, param)
+        if seg.frame is not None:
+            if param:
+                seg.frame.add_kept(t)
+                return KeepHandle(t, seg.name)
+            self._count(t, seg, "recomputed")
+            return seg.frame.add_slot(t)
+        if not param and self._wants_offload(k, t, seg):
+            handle = self._offload(t, seg)
+            if handle is not None:
+                return handle
+        self._count(t, seg, "kept" if not param else None)
+        return KeepHandle(t, seg.name)
+
+    def unpack(self, handle) -> torch.Tensor:
+        self.hc._note_backward()
+        return handle.unpack()
+
+    def _pack_input(self, t: torch.Tensor, seg: Segment):
+        """A recomputed region's input: kept, or offloaded when the plan says so."""
+        if seg.plan.offload_inputs and not self._is_param(t) and self._offloadable(t):
+            handle = self._offload(t, seg)
+            if handle is not None:
+                return handle
+        self._count(t, seg, "kept" if not self._is_param(t) else None)
+        return KeepHandle(t, seg.name)
+
+    def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
+        policy = self.hc._policy
+        if seg.plan.action is not Action.OFFLOAD and not policy.per_tensor:
+            return False
+        if not self._offloadable(t):
+            return False
+        site = TensorSite(seg.site, k, tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
+        return policy.tensor(site, seg.plan) is Action.OFFLOAD
+
+    def _offload(self, t: torch.Tensor, seg: Segment) -> OffloadHandle | None:
+        key = (storage_key(t), t._version)  # Rule 4: one copy per storage, however it is viewed
+        copy = self.hc._copies.get(key)
+        if copy is None:
+            nbytes = t.untyped_storage().nbytes()
+            blocks = self.hc._pool.alloc(nbytes)
+            if blocks is None:  # Rule 3: the pool is full; keep it and say so
+                self.stats.add_fallback(nbytes)
+                return None
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+            copy = HostCopy(self.hc._pool, self.backend, blocks, src, self.stats,
+                            label=f"{seg.index}:{self.pack_index - 1}")
+            del src
+            self.hc._copies[key] = copy
+            seg.copies.append(weakref.ref(copy))
+        self._count(t, seg, "offloaded")
+        return OffloadHandle(copy, t, seg.name)
+
+    # -- filters (Rule 6) --------------------------------------------------------------------------
+    def _is_param(self, t: torch.Tensor) -> bool:
+        base = t._base if t._is_view() and t._base is not None else t
+        if base.is_leaf and base.requires_grad:
+            return True
+        return storage_key(t) in self.param_storages
+
+    def _offloadable(self, t: torch.Tensor) -> bool:
+        return (type(t) in _PLAIN and t.device == self.device and t.layout == torch.strided
+                and not t.is_conj() and not t.is_neg()
+                and t.untyped_storage().nbytes() >= self.hc.min_offload_bytes)
+
+    # -- accounting --------------------------------------------------------------------------------
+    def _record(self, k: int, t: torch.Tensor, seg: Segment, param: bool) -> None:
+        key = storage_key(t)
+        i = self._seen.get(key)
+        if i is None:
+            self._seen[key] = len(self.records)
+            offloadable = not param and self._offloadable(t)
+            self.records.append(TensorRecord(k, seg.index, t.untyped_storage().nbytes(), offloadable))
+        else:
+            r = self.records[i]
+            if r.last != seg.index:
+                self.records[i] = TensorRecord(r.id, r.segment, r.nbytes, r.offloadable, seg.index)
+
+    def _count(self, t: torch.Tensor, seg: Segment, action: str | None) -> None:
+        """Count a storage's bytes once per forward, under the first action it got."""
+        key = storage_key(t)
+        if key in self._counted:
+            return
+        self._counted.add(key)
+        nbytes = t.untyped_storage().nbytes()
+        if action is None:
+            self.stats.skipped_param_bytes += nbytes
+        else:
+            self.stats.add_saved(seg.index, seg.name, action, nbytes)
+
+    # -- backward ----------------------------------------------------------------------------------
+    def _backward_hook(self, seg_index: int):
+        # The graph holds this forward's segments (not its handles) until backward is done with it.
+        def hook(grad_outputs):
+            self.backward_reached(seg_index)
+
+        return hook
+
+    def backward_reached(self, seg_index: int) -> None:
+        """Backward is about to enter region segment `seg_index`: prefetch `lookahead` regions ahead
+        (Rule 2: each reload still waits for its own D2H), in reverse pack order."""
+        self.hc._note_backward()
+        seg = self.segments[seg_index]
+        if seg.backward_start is None:
+            seg.backward_start = self.backend.now()
+        d = self.hc._lookahead()
+        if d <= 0:
+            return
+        lowest = max(0, seg_index - 2 * d - 1)  # region calls are every other segment
+        for s in range(seg_index, lowest - 1, -1):
+            for ref in reversed(self.segments[s].copies):
+                copy = ref()
+                if copy is not None:
+                    copy.reload(prefetch=True)

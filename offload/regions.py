@@ -1,0 +1,100 @@
+"""Finding the regions (the repeated blocks) and hooking their forward while `with hc:` is active.
+
+A region is a module whose forward is one unit of recompute: a transformer block. `"auto"` takes
+the children of the largest `nn.ModuleList`/`nn.Sequential` whose children all have one type
+(GPT-2's `transformer.h`, Llama's `model.layers`). Hooks are installed on `__enter__` and removed
+on `__exit__`, so outside `with hc:` the model runs exactly as plain PyTorch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One module the runtime may recompute, with its name in the model."""
+
+    name: str
+    module: nn.Module
+
+
+def find_regions(model: nn.Module) -> list[Region]:
+    """The children of the largest container of same-typed modules in `model` (by parameter count,
+    then by length); [] when there is none."""
+    best: tuple[int, int] | None = None
+    found: list[Region] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        kids = list(mod)
+        if len({type(k) for k in kids}) != 1:
+            continue
+        score = (sum(p.numel() for p in mod.parameters()), len(kids))
+        if best is None or score > best:
+            best = score
+            prefix = f"{name}." if name else ""
+            found = [Region(f"{prefix}{i}", k) for i, k in enumerate(kids)]
+    return found
+
+
+def resolve_regions(model: nn.Module | None, regions) -> list[Region]:
+    """The user's `regions=` ("auto", a list of modules, or None) as a list of Region."""
+    if regions is None:
+        return []
+    if isinstance(regions, str):
+        if regions != "auto":
+            raise ValueError(f"HybridCheckpointer(regions={regions!r}): use 'auto', a list of modules, or None")
+        if model is None:
+            log.info("regions='auto' without a model: no regions, per-tensor keep/offload only")
+            return []
+        found = find_regions(model)
+        if not found:
+            log.warning("regions='auto' found no repeated blocks in %s; recompute is off",
+                        type(model).__name__)
+        return found
+    if isinstance(regions, nn.Module) or not isinstance(regions, Sequence):
+        raise TypeError(f"HybridCheckpointer(regions=...): expected 'auto', a list of nn.Module, or None; "
+                        f"got {type(regions).__name__}")
+    names = {m: n for n, m in model.named_modules()} if model is not None else {}
+    out = []
+    for i, m in enumerate(regions):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"HybridCheckpointer(regions=...): item {i} is a {type(m).__name__}, not an nn.Module")
+        out.append(Region(names.get(m, f"region{i}:{type(m).__name__}"), m))
+    if len({id(r.module) for r in out}) != len(out):
+        raise ValueError("HybridCheckpointer(regions=...): the same module is listed twice")
+    return out
+
+
+class RegionHooks:
+    """Forward pre/post hooks on every region module, removed together."""
+
+    def __init__(self, regions: Sequence[Region], enter: Callable, exit: Callable):
+        self._handles = []
+        for r in regions:
+            self._handles.append(r.module.register_forward_pre_hook(
+                lambda mod, args, kwargs, _r=r: enter(_r, args, kwargs), with_kwargs=True))
+            self._handles.append(r.module.register_forward_hook(
+                lambda mod, args, output, _r=r: exit(_r, output), always_call=True))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def output_grad_fns(output) -> list:
+    """The distinct grad_fns of the tensors in a module's output (any nesting)."""
+    seen, out = set(), []
+    for t in torch.utils._pytree.tree_leaves(output):
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None and id(t.grad_fn) not in seen:
+            seen.add(id(t.grad_fn))
+            out.append(t.grad_fn)
+    return out

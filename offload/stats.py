@@ -1,0 +1,85 @@
+"""Counters of one training step: what was kept, moved, dropped, and how long compute waited.
+
+A step starts at the first `with hc:` forward after a backward and ends where the next one
+starts; several forwards before one backward are one step. Unpack hooks run on autograd's
+threads (Rule 8), so every update takes the lock.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from .transfer import CopyEvent
+
+
+@dataclass
+class SegmentBytes:
+    """Distinct storage bytes one segment handed to each action."""
+
+    name: str
+    kept: int = 0
+    offloaded: int = 0
+    recomputed: int = 0
+
+
+@dataclass
+class StepStats:
+    """The runtime's own account of one step."""
+
+    step: int = 0
+    forwards: int = 0
+    kept_bytes: int = 0
+    offloaded_bytes: int = 0
+    recomputed_bytes: int = 0
+    fallback_count: int = 0  # offloads refused because the host pool was full
+    fallback_bytes: int = 0
+    skipped_param_bytes: int = 0  # parameter/buffer storages seen and never moved
+    d2h_bytes: int = 0
+    h2d_bytes: int = 0
+    prefetch_hits: int = 0  # reloads issued ahead of backward
+    prefetch_misses: int = 0  # reloads issued on demand at unpack
+    stall_s: float = 0.0  # host time the compute thread blocked on reloads (emulation)
+    replays: int = 0
+    replay_s: float = 0.0
+    host_high_water: int = 0
+    host_in_use: int = 0
+    segments: dict[int, SegmentBytes] = field(default_factory=dict)
+    copies: list[CopyEvent] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_saved(self, segment: int, name: str, action: str, nbytes: int) -> None:
+        with self._lock:
+            seg = self.segments.get(segment)
+            if seg is None:
+                seg = self.segments[segment] = SegmentBytes(name)
+            setattr(seg, action, getattr(seg, action) + nbytes)
+            setattr(self, f"{action}_bytes", getattr(self, f"{action}_bytes") + nbytes)
+
+    def add_fallback(self, nbytes: int) -> None:
+        with self._lock:
+            self.fallback_count += 1
+            self.fallback_bytes += nbytes
+
+    def add_copy(self, event: CopyEvent) -> None:
+        with self._lock:
+            self.d2h_bytes += event.record.nbytes
+            self.copies.append(event)
+
+    def add_reload(self, event: CopyEvent, prefetch: bool) -> None:
+        with self._lock:
+            self.h2d_bytes += event.record.nbytes
+            self.copies.append(event)
+            if prefetch:
+                self.prefetch_hits += 1
+            else:
+                self.prefetch_misses += 1
+
+    def add_stall(self, seconds: float) -> None:
+        if seconds > 0:
+            with self._lock:
+                self.stall_s += seconds
+
+    def add_replay(self, seconds: float) -> None:
+        with self._lock:
+            self.replays += 1
+            self.replay_s += seconds

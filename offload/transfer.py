@@ -1,0 +1,97 @@
+"""The transfer backend contract: how bytes move between the device and pinned host memory.
+
+Two backends implement it: `CudaBackend` (side streams and events, offload/cudastreams.py) and
+`EmulatedBackend` (worker threads and futures on the CPU, offload/emulated.py). Everything above
+this layer (host pool, handles, prefetch, recompute) is written once against it.
+
+Rule 2 (stream discipline) lives in the backends; the handles only follow the protocol below:
+  1. `d2h(src, dsts)` copies after all work queued so far on the compute stream; it returns the
+     copy's event. The caller then hands `src` back with `release(src, after=event)`, which keeps
+     the source from being reused before the copy finished.
+  2. `h2d(srcs, nbytes, after=d2h_event)` allocates the destination on the compute stream, waits
+     for the D2H event (a reload never reads a half-written block) and copies; it returns the
+     destination and the reload's event.
+  3. `wait(event)` makes the compute stream wait for that one event before the data is used.
+  4. A host block is reused only after `query()` says its last copy finished; `claim(block)` is
+     called when the pool hands a block out again (the emulation poisons it if a copy still
+     touches it, so a premature reuse corrupts results visibly instead of silently).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class CopyRecord:
+    """One copy as the backend saw it, for the timeline. Times are seconds from `origin`."""
+
+    direction: str  # "d2h" or "h2d"
+    nbytes: int
+    label: str
+    start_s: float | None = None
+    end_s: float | None = None
+
+
+class CopyEvent(abc.ABC):
+    """Completion of one copy on a side stream."""
+
+    record: CopyRecord
+
+
+class TransferBackend(abc.ABC):
+    """Moves flat uint8 buffers between the compute device and host memory."""
+
+    name: str
+    device: torch.device
+    #: copies below this many bytes cost more in fixed overhead than they move
+    default_min_offload_bytes: int = 512 * 1024
+
+    @abc.abstractmethod
+    def alloc_host(self, nbytes: int) -> torch.Tensor:
+        """A uint8 host buffer of exactly `nbytes` (pinned on CUDA), allocated outside any step."""
+
+    @abc.abstractmethod
+    def d2h(self, src: torch.Tensor, dsts: Sequence[torch.Tensor], label: str = "") -> CopyEvent:
+        """Copy flat uint8 `src` into the host blocks `dsts` (in order), after queued compute."""
+
+    @abc.abstractmethod
+    def h2d(self, srcs: Sequence[torch.Tensor], nbytes: int, after: CopyEvent,
+            label: str = "") -> tuple[torch.Tensor, CopyEvent]:
+        """Allocate `nbytes` on the device and copy the host blocks `srcs` into it after `after`."""
+
+    @abc.abstractmethod
+    def wait(self, event: CopyEvent) -> float:
+        """Make the compute stream wait for `event`; return seconds the host thread blocked."""
+
+    @abc.abstractmethod
+    def query(self, event: CopyEvent) -> bool:
+        """True once the copy has finished."""
+
+    @abc.abstractmethod
+    def synchronize(self, event: CopyEvent) -> None:
+        """Block the calling thread until the copy has finished."""
+
+    @abc.abstractmethod
+    def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
+        """The runtime is done with `buf`; it may be reused once `after` has finished."""
+
+    def claim(self, buf: torch.Tensor) -> None:
+        """The host pool is handing `buf` out again (a hook for the emulation's poison check)."""
+
+    def poll(self) -> None:
+        """Finish deferred bookkeeping on the calling (compute) thread."""
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """Seconds on the compute stream's clock since this backend's origin (host time on the
+        emulation; on CUDA the host clock too, since device timestamps resolve asynchronously)."""
+
+    def resolve(self, records: Sequence[CopyRecord]) -> None:
+        """Fill in start/end times of finished copies (no-op where they are known already)."""
+
+    def close(self) -> None:
+        """Stop worker threads; the backend is unusable afterwards."""

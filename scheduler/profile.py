@@ -1,0 +1,66 @@
+"""The measured step: what the planner and the simulator read.
+
+A forward pass is cut into *segments* in forward order: every call of a region (a repeated
+block such as a transformer layer) is one segment, and the stretches of forward between region
+calls (the embedding before the first block, the head and loss after the last) are segments too.
+Only region segments can be recomputed; every segment's tensors can be kept or offloaded.
+
+Every distinct storage that autograd saved during the step is one `TensorRecord`, attributed to
+the segment in which it was first saved. Units: bytes, seconds, bytes per second.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One distinct storage saved for backward during the profiled step.
+
+    `id` is the pack-hook call index (0-based, counted over the whole forward) at which the
+    storage was first saved; the runtime sees the same ids in every step with the same input
+    shapes, so a plan can name tensors by it.
+    """
+
+    id: int
+    segment: int  # index into Profile.segments of the segment that first saved it
+    nbytes: int
+    offloadable: bool  # passed the runtime's filters (not a parameter, on device, large enough)
+    last_segment: int = -1  # segment of its last save; -1 means the same as `segment`
+
+    @property
+    def last(self) -> int:
+        return self.segment if self.last_segment < 0 else self.last_segment
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    """One segment of the forward pass, with its measured times and bytes."""
+
+    index: int
+    name: str
+    forward_s: float  # forward compute time of this segment
+    backward_s: float  # backward compute time of this segment (recompute excluded)
+    recomputable: bool  # True for region calls, False for the stretches between them
+    input_bytes: int = 0  # bytes a recompute must hold to replay it (its tensor inputs)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A measured (or synthesized) step: segments in forward order, their tensors, the link."""
+
+    segments: tuple[SegmentRecord, ...]
+    tensors: tuple[TensorRecord, ...]
+    bw_d2h: float  # measured device-to-host bandwidth on our pinned pool, bytes/s
+    bw_h2d: float  # measured host-to-device bandwidth, bytes/s
+    transfer_latency_s: float = 10e-6  # fixed cost per copy, seconds
+    signature: str = ""  # the input-shape signature this profile was measured under
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def saved_bytes(self, segment: int) -> int:
+        """Bytes first saved in `segment` (the memory it holds until its backward)."""
+        return sum(t.nbytes for t in self.tensors if t.segment == segment)
+
+    @property
+    def total_saved_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)

@@ -1,0 +1,100 @@
+"""Shared fixtures: the tiny GPT, backends (emulated always, CUDA when present), a training loop."""
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from bench.gpt import GPT, GPTConfig, make_batch
+from offload import EmulatedBackend, HybridCheckpointer
+
+# Activations of this model are 64-256 KiB; the threshold below makes them cross it.
+MIN_OFFLOAD = 16 * 1024
+TINY = GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.1)
+
+
+def cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(params=["emulated", "cuda"])
+def device(request) -> torch.device:
+    """The compute device for a test: the CPU (emulated backend) always, CUDA when present."""
+    return cuda_or_skip() if request.param == "cuda" else torch.device("cpu")
+
+
+def make_backend(device: torch.device, delay_s: float = 0.0):
+    """A backend for `device`, with copies delayed to open race windows."""
+    if device.type == "cuda":
+        from offload.cudastreams import CudaBackend
+        cycles = int(delay_s * 1e9)  # ~1 GHz: a rough cycles-per-second figure suffices here
+        return CudaBackend(device, d2h_delay_cycles=cycles, h2d_delay_cycles=cycles)
+    return EmulatedBackend(d2h_delay_s=delay_s, h2d_delay_s=delay_s)
+
+
+def tiny_gpt(device="cpu", cfg: GPTConfig = TINY, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(cfg).to(device)
+
+
+def train(model, hc: HybridCheckpointer | None, steps: int = 3, batch: int = 4, mode: str = "backward",
+          reseed_between: bool = True):
+    """Run `steps` seeded steps; return (losses, grads per step). `mode`: how backward is called."""
+    losses, grads = [], []
+    params = [p for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    device = params[0].device
+    for s in range(steps):
+        idx, tgt = make_batch(model.cfg, batch, seed=s, device=device)
+        torch.manual_seed(1000 + s)
+        if hc is None:
+            _, loss = model(idx, tgt)
+        else:
+            with hc:
+                _, loss = model(idx, tgt)
+        if reseed_between:
+            torch.manual_seed(7)  # a user reseeding between forward and backward must not matter
+        if mode == "backward":
+            loss.backward()
+            g = [p.grad.clone() for p in params]
+        elif mode == "grad":
+            g = [x.clone() for x in torch.autograd.grad(loss, params)]
+        elif mode == "inputs":
+            loss.backward(inputs=params)
+            g = [p.grad.clone() for p in params]
+        else:
+            raise ValueError(mode)
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach().clone())
+        grads.append(dict(zip(names, g)))
+    return losses, grads
+
+
+def assert_bitwise(ref, got) -> None:
+    ref_losses, ref_grads = ref
+    losses, grads = got
+    for s, (a, b) in enumerate(zip(ref_losses, losses)):
+        assert torch.equal(a, b), f"step {s}: loss {a.item()} != {b.item()}"
+    for s, (ga, gb) in enumerate(zip(ref_grads, grads)):
+        for name in ga:
+            assert torch.equal(ga[name], gb[name]), f"step {s}: gradient of {name} differs"
+
+
+def settle(hc: HybridCheckpointer) -> None:
+    """Let every copy finish and every dead handle go, so pool figures are final."""
+    gc.collect()
+    drain = getattr(hc.backend, "drain", None)
+    if drain:
+        drain()
+    elif hc.device.type == "cuda":
+        torch.cuda.synchronize(hc.device)
+    gc.collect()
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
