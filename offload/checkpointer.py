@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from .regions import Region, RegionHooks, resolve_regions
 from .report import Report
 from .stats import StepStats
 from .transfer import TransferBackend
+
+if TYPE_CHECKING:
+    from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class HybridCheckpointer:
         keep_last: region calls at the end of forward kept resident under "offload" (backward
             needs them at once).
         slab_bytes: host pool slab size (a power of two).
+        monitor: an `offload.Monitor` whose NVML/psutil samples the report and trace include,
+            or True to start one on the first forward (stopped by `close()`).
 
     Memory guarantee (fixed policies): saved activations on the device are at most
     kept + in-flight D2H + reloaded-and-not-yet-released + one recomputed region; pinned host
@@ -64,7 +69,8 @@ class HybridCheckpointer:
                  device_budget: Budget = None, host_budget: Budget = None,
                  regions: Union[str, Sequence[nn.Module], None] = "auto",
                  backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
-                 lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20):
+                 lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20,
+                 monitor: "Monitor | bool" = False):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
         self.model = model
@@ -97,6 +103,10 @@ class HybridCheckpointer:
         self._stats = StepStats(step=0)
         self._backward_seen = False
         self._history: list[StepStats] = []
+        if not isinstance(monitor, bool) and not hasattr(monitor, "samples"):
+            raise TypeError(f"HybridCheckpointer(monitor={monitor!r}): expected an offload.Monitor or a bool")
+        self.monitor = monitor if not isinstance(monitor, bool) else None
+        self._own_monitor = monitor is True
 
     # -- construction helpers ------------------------------------------------------------------
     def _make_backend(self, backend) -> TransferBackend:
@@ -130,6 +140,9 @@ class HybridCheckpointer:
                                "forwards under one checkpointer are not supported); use one `with` per forward")
         if self._backward_seen:
             self._begin_step()
+        if self._own_monitor and self.monitor is None:
+            from .monitor import Monitor
+            self.monitor = Monitor(self.device).start()
         params = set()
         if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
             params = {storage_key(p) for p in self.model.parameters()}
@@ -159,11 +172,26 @@ class HybridCheckpointer:
             self._policy.end_forward(fp, failed=exc_type is not None)
 
     # -- used by ForwardPass -------------------------------------------------------------------
-    def _note_backward(self) -> None:
+    def _note_backward(self, stats: StepStats) -> None:
+        """A backward touched this checkpointer's graph: time it, once per backward pass."""
         self._backward_seen = True
+        timeline = stats.timeline
+        if timeline.backward and timeline.backward[-1][1] is None:
+            return
+        entry = timeline.open_backward(self._backend.mark())
 
-    def _lookahead(self) -> int:
-        return self._policy.lookahead() if self._lookahead_override is None else self._lookahead_override
+        def close() -> None:
+            entry[1] = self._backend.mark()
+
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(close)
+        except RuntimeError:  # not inside a backward pass (e.g. a read of grad_fn._saved_*)
+            timeline.backward.remove(entry)
+
+    def _lookahead_segments(self) -> int:
+        if self._lookahead_override is not None:
+            return 2 * self._lookahead_override  # regions -> segments
+        return self._policy.lookahead()
 
     def _begin_step(self) -> None:
         self._finish_step()
@@ -196,6 +224,13 @@ class HybridCheckpointer:
         """What moved in the current step and how well it overlapped."""
         self._backend.poll()
         return Report.build(self, self.stats)
+
+    def close(self) -> None:
+        """Stop the monitor this checkpointer started and the emulation's worker threads."""
+        if self._own_monitor and self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        self._backend.close()
 
     def __repr__(self) -> str:
         return (f"HybridCheckpointer(policy={self.policy_name!r}, regions={len(self.regions)}, "

@@ -64,9 +64,12 @@ class CudaBackend(TransferBackend):
         if self._d2h is None:
             self._d2h = torch.cuda.Stream(self.device)
             self._h2d = torch.cuda.Stream(self.device)
+            # One synchronize, once: aligns the device clock with the host clock for the trace.
+            torch.cuda.synchronize(self.device)
             self._origin = torch.cuda.Event(enable_timing=True)
             self._origin.record(torch.cuda.current_stream(self.device))
             self._origin_host = time.perf_counter()
+            self._origin.synchronize()
         return self._d2h if direction == "d2h" else self._h2d
 
     def alloc_host(self, nbytes: int) -> torch.Tensor:
@@ -115,9 +118,12 @@ class CudaBackend(TransferBackend):
         if self._delay_cycles[direction]:
             torch.cuda._sleep(self._delay_cycles[direction])
 
-    def wait(self, event: CopyEvent) -> float:
-        torch.cuda.current_stream(self.device).wait_event(event.end)
-        return 0.0  # the host does not block; the stall shows on the device timeline
+    def wait(self, event: CopyEvent) -> torch.cuda.Event:
+        compute = torch.cuda.current_stream(self.device)
+        reached = torch.cuda.Event(enable_timing=True)
+        reached.record(compute)
+        compute.wait_event(event.end)  # this tensor's reload only, not the whole H2D stream
+        return reached
 
     def query(self, event: CopyEvent) -> bool:
         return event.end.query()
@@ -129,12 +135,20 @@ class CudaBackend(TransferBackend):
         if after is not None and buf.is_cuda:
             buf.record_stream(after.stream)
 
-    def now(self) -> float:
-        return time.perf_counter() - self._origin_host
+    def mark(self) -> torch.cuda.Event:
+        self._side("d2h")  # makes sure the origin exists
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
 
-    def resolve_event(self, event: CopyEvent) -> None:
-        """Fill the record's start/end (seconds from the backend origin) once the copy finished."""
-        rec = event.record
-        if rec.end_s is None and self._origin is not None and event.end.query():
-            rec.start_s = self._origin.elapsed_time(event.start) / 1e3
-            rec.end_s = self._origin.elapsed_time(event.end) / 1e3
+    def seconds(self, mark: torch.cuda.Event) -> float | None:
+        if self._origin is None or not mark.query():
+            return None
+        return self._origin_host + self._origin.elapsed_time(mark) / 1e3
+
+    def interval(self, event: CopyEvent) -> tuple[float, float] | None:
+        start, end = self.seconds(event.start), self.seconds(event.end)
+        return None if start is None or end is None else (start, end)
+
+    def settle(self) -> None:
+        torch.cuda.synchronize(self.device)

@@ -38,12 +38,14 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 class EmulatedEvent(CopyEvent):
     """A copy on an emulated side stream: a future plus its timestamps."""
 
-    __slots__ = ("future", "record", "spans")
+    __slots__ = ("future", "record", "spans", "start_s", "end_s")
 
     def __init__(self, record: CopyRecord, spans: list[tuple[int, int]]):
         self.future: Future | None = None
         self.record = record
         self.spans = spans
+        self.start_s: float | None = None
+        self.end_s: float | None = None
 
 
 class EmulatedBackend(TransferBackend):
@@ -60,7 +62,6 @@ class EmulatedBackend(TransferBackend):
         self.device = torch.device("cpu")
         self._delays = {"d2h": d2h_delay_s, "h2d": h2d_delay_s}
         self._bytes_per_s = bytes_per_s
-        self._origin = time.perf_counter()
         self._lock = threading.Lock()
         self._inflight: set[EmulatedEvent] = set()
         self._deferred: list[tuple[torch.Tensor, CopyEvent]] = []
@@ -124,11 +125,11 @@ class EmulatedBackend(TransferBackend):
             try:
                 if after is not None:
                     after.future.result()  # Rule 2: a reload starts only after its D2H finished
-                ev.record.start_s = self.now()
+                ev.start_s = time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
                 copy(ev)
-                ev.record.end_s = self.now()
+                ev.end_s = time.perf_counter()
             finally:
                 with self._lock:
                     self._inflight.discard(ev)
@@ -151,11 +152,10 @@ class EmulatedBackend(TransferBackend):
 
     # -- events ---------------------------------------------------------------------------------
     def wait(self, event: CopyEvent) -> float:
-        t0 = time.perf_counter()
-        event.future.result()
-        blocked = time.perf_counter() - t0
+        reached = time.perf_counter()
+        event.future.result()  # the compute thread blocks: that is the emulated stall
         self.poll()
-        return blocked
+        return reached
 
     def query(self, event: CopyEvent) -> bool:
         return event.future.done()
@@ -163,8 +163,19 @@ class EmulatedBackend(TransferBackend):
     def synchronize(self, event: CopyEvent) -> None:
         event.future.result()
 
-    def now(self) -> float:
-        return time.perf_counter() - self._origin
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, mark: float) -> float:
+        return mark
+
+    def interval(self, event: CopyEvent) -> tuple[float, float] | None:
+        if not event.future.done() or event.end_s is None:
+            return None
+        return event.start_s, event.end_s
+
+    def settle(self) -> None:
+        self.drain()
 
     # -- giving memory back ---------------------------------------------------------------------
     def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import OffloadError
+from .ranges import op_range
 
 if TYPE_CHECKING:
     from .hostpool import Block, HostPool
@@ -75,7 +76,8 @@ class HostCopy:
         self._lock = threading.Lock()
         self.h2d_event: CopyEvent | None = None
         self.device_bytes: torch.Tensor | None = None
-        self.d2h_event = backend.d2h(src, [b.view for b in blocks], label=label)
+        with op_range("offload::d2h", src.is_cuda):
+            self.d2h_event = backend.d2h(src, [b.view for b in blocks], label=label)
         stats.add_copy(self.d2h_event)
         backend.release(src, after=self.d2h_event)  # Rule 2: no reuse of the source before the copy
 
@@ -84,8 +86,9 @@ class HostCopy:
         with self._lock:
             if self.device_bytes is not None:
                 return
-            self.device_bytes, self.h2d_event = self.backend.h2d(
-                [b.view for b in self.blocks], self.nbytes, after=self.d2h_event, label=self.label)
+            with op_range("offload::h2d", self.backend.device.type == "cuda"):
+                self.device_bytes, self.h2d_event = self.backend.h2d(
+                    [b.view for b in self.blocks], self.nbytes, after=self.d2h_event, label=self.label)
         self.stats.add_reload(self.h2d_event, prefetch=prefetch)
 
     def materialize(self) -> torch.Tensor:
@@ -93,7 +96,7 @@ class HostCopy:
         waits only on this copy's event."""
         if self.device_bytes is None:
             self.reload(prefetch=False)
-        self.stats.add_stall(self.backend.wait(self.h2d_event))
+        self.stats.add_wait(self.backend.wait(self.h2d_event), self.h2d_event)
         return self.device_bytes
 
     def __del__(self) -> None:

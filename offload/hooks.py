@@ -47,9 +47,9 @@ class Segment:
     site: RegionSite | None = None
     frame: RecomputeFrame | None = None
     copies: list = field(default_factory=list)  # weakrefs to HostCopy, in pack order
-    forward_start: float = 0.0
-    forward_end: float = 0.0
-    backward_start: float | None = None
+    forward_start: object = None  # backend marks
+    forward_end: object = None
+    backward_start: object = None
 
 
 def storage_key(t: torch.Tensor) -> StorageWeakRef:
@@ -73,7 +73,12 @@ class ForwardPass:
         self._counted: set[StorageWeakRef] = set()
         self._calls_of: dict[int, int] = {}  # id(region module) -> calls so far
         self.records: list[TensorRecord] = []
-        self._open_gap()
+
+    def _current(self) -> Segment:
+        """The open segment; the first one opens lazily, after the model's inputs are known."""
+        if not self.segments:
+            self._open_gap()
+        return self.segments[-1]
 
     # -- segments ------------------------------------------------------------------------------------
     def _tail_from(self) -> int:
@@ -85,8 +90,9 @@ class ForwardPass:
         idx = len(self.segments)
         tail = bool(self.hc.regions) and self.region_calls > self._tail_from()
         plan = self.hc._policy.gap(idx, tail)
-        seg = Segment(idx, "(between regions)" if idx else "(before regions)", plan)
-        seg.forward_start = self.backend.now()
+        name = f"(after {self.segments[-1].name})" if self.segments else "(before regions)"
+        seg = Segment(idx, name, plan)
+        seg.forward_start = self.backend.mark()
         if self.segments:
             self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
@@ -97,6 +103,7 @@ class ForwardPass:
         self.depth += 1
         if self.depth > 1:
             return
+        self._current()
         for p in region.module.parameters():  # FSDP materialises unsharded parameters here
             self.param_storages.add(storage_key(p))
         for b in region.module.buffers():
@@ -108,14 +115,14 @@ class ForwardPass:
         nth = self._calls_of.get(id(region.module), 0)
         self._calls_of[id(region.module)] = nth + 1
         seg = Segment(idx, region.name if nth == 0 else f"{region.name}#{nth}", plan, site)
-        seg.forward_start = self.backend.now()
+        seg.forward_start = self.backend.mark()
         self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
-                region.name, region.module.forward, args, kwargs, self.device,
+                seg.name, region.module.forward, args, kwargs, self.device,
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.hc._replay_guard,
-                on_replay=self.stats.add_replay)
+                on_replay=self.stats.add_replay, mark=self.backend.mark)
 
     def exit_region(self, region: "Region", output) -> None:
         if self.hc._replay_guard.depth:
@@ -134,45 +141,56 @@ class ForwardPass:
 
     def close(self) -> None:
         """End of forward: keep what backward needs (segments), drop the per-forward maps."""
-        self.segments[-1].forward_end = self.backend.now()
+        self._current().forward_end = self.backend.mark()
         self.hc._expected_calls = self.region_calls
         self._seen.clear()
         self._counted.clear()
         for seg in self.segments:
             seg.frame = None
+            self.stats.timeline.add_compute("forward", seg.name, seg.forward_start, seg.forward_end)
+        self.stats.timeline.tail_label = self.segments[-1].name
 
     # -- pack --------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
         self.backend.poll()
         k = self.pack_index
         self.pack_index += 1
-        seg = self.segments[-1]
-        param = self._is_param(t)
-        self._record(k, t, seg, param)
+        seg = self._current()
+        key = storage_key(t)
+        param = self._is_param(t, key)
+        first = self._record(k, t, seg, key, param)
         if seg.frame is not None:
             if param:
                 seg.frame.add_kept(t)
                 return KeepHandle(t, seg.name)
-            self._count(t, seg, "recomputed")
+            self._count(key, t, seg, "recomputed")
             return seg.frame.add_slot(t)
-        if not param and self._wants_offload(k, t, seg):
-            handle = self._offload(t, seg)
+        copy = self.hc._copies.get((key, t._version))
+        if copy is not None:  # Rule 4: a storage moved once is not also held on the device
+            return OffloadHandle(copy, t, seg.name)
+        if first and not param and self._wants_offload(k, t, seg):  # the first save decides
+            handle = self._offload(t, seg, key)
             if handle is not None:
                 return handle
-        self._count(t, seg, "kept" if not param else None)
+        self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name)
 
     def unpack(self, handle) -> torch.Tensor:
-        self.hc._note_backward()
+        self.hc._note_backward(self.stats)
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
         """A recomputed region's input: kept, or offloaded when the plan says so."""
-        if seg.plan.offload_inputs and not self._is_param(t) and self._offloadable(t):
-            handle = self._offload(t, seg)
+        key = storage_key(t)
+        param = self._is_param(t, key)
+        copy = self.hc._copies.get((key, t._version))
+        if copy is not None:
+            return OffloadHandle(copy, t, seg.name)
+        if seg.plan.offload_inputs and not param and self._offloadable(t):
+            handle = self._offload(t, seg, key)
             if handle is not None:
                 return handle
-        self._count(t, seg, "kept" if not self._is_param(t) else None)
+        self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name)
 
     def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
@@ -184,30 +202,27 @@ class ForwardPass:
         site = TensorSite(seg.site, k, tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
         return policy.tensor(site, seg.plan) is Action.OFFLOAD
 
-    def _offload(self, t: torch.Tensor, seg: Segment) -> OffloadHandle | None:
-        key = (storage_key(t), t._version)  # Rule 4: one copy per storage, however it is viewed
-        copy = self.hc._copies.get(key)
-        if copy is None:
-            nbytes = t.untyped_storage().nbytes()
-            blocks = self.hc._pool.alloc(nbytes)
-            if blocks is None:  # Rule 3: the pool is full; keep it and say so
-                self.stats.add_fallback(nbytes)
-                return None
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-            copy = HostCopy(self.hc._pool, self.backend, blocks, src, self.stats,
-                            label=f"{seg.index}:{self.pack_index - 1}")
-            del src
-            self.hc._copies[key] = copy
-            seg.copies.append(weakref.ref(copy))
-        self._count(t, seg, "offloaded")
+    def _offload(self, t: torch.Tensor, seg: Segment, key: StorageWeakRef) -> OffloadHandle | None:
+        nbytes = t.untyped_storage().nbytes()
+        blocks = self.hc._pool.alloc(nbytes)
+        if blocks is None:  # Rule 3: the pool is full; keep it and say so
+            self.stats.add_fallback(nbytes)
+            return None
+        src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        copy = HostCopy(self.hc._pool, self.backend, blocks, src, self.stats,
+                        label=f"{seg.name}:{self.pack_index - 1}")
+        del src
+        self.hc._copies[(key, t._version)] = copy  # Rule 4: keyed on the storage, never a pointer
+        seg.copies.append(weakref.ref(copy))
+        self._count(key, t, seg, "offloaded")
         return OffloadHandle(copy, t, seg.name)
 
     # -- filters (Rule 6) --------------------------------------------------------------------------
-    def _is_param(self, t: torch.Tensor) -> bool:
+    def _is_param(self, t: torch.Tensor, key: StorageWeakRef) -> bool:
         base = t._base if t._is_view() and t._base is not None else t
         if base.is_leaf and base.requires_grad:
             return True
-        return storage_key(t) in self.param_storages
+        return key in self.param_storages
 
     def _offloadable(self, t: torch.Tensor) -> bool:
         return (type(t) in _PLAIN and t.device == self.device and t.layout == torch.strided
@@ -215,21 +230,21 @@ class ForwardPass:
                 and t.untyped_storage().nbytes() >= self.hc.min_offload_bytes)
 
     # -- accounting --------------------------------------------------------------------------------
-    def _record(self, k: int, t: torch.Tensor, seg: Segment, param: bool) -> None:
-        key = storage_key(t)
+    def _record(self, k: int, t: torch.Tensor, seg: Segment, key: StorageWeakRef, param: bool) -> bool:
+        """Note the save for the profile; True if this is the storage's first save in this forward."""
         i = self._seen.get(key)
         if i is None:
             self._seen[key] = len(self.records)
             offloadable = not param and self._offloadable(t)
             self.records.append(TensorRecord(k, seg.index, t.untyped_storage().nbytes(), offloadable))
-        else:
-            r = self.records[i]
-            if r.last != seg.index:
-                self.records[i] = TensorRecord(r.id, r.segment, r.nbytes, r.offloadable, seg.index)
+            return True
+        r = self.records[i]
+        if r.last != seg.index:
+            self.records[i] = TensorRecord(r.id, r.segment, r.nbytes, r.offloadable, seg.index)
+        return False
 
-    def _count(self, t: torch.Tensor, seg: Segment, action: str | None) -> None:
+    def _count(self, key: StorageWeakRef, t: torch.Tensor, seg: Segment, action: str | None) -> None:
         """Count a storage's bytes once per forward, under the first action it got."""
-        key = storage_key(t)
         if key in self._counted:
             return
         self._counted.add(key)
@@ -248,17 +263,16 @@ class ForwardPass:
         return hook
 
     def backward_reached(self, seg_index: int) -> None:
-        """Backward is about to enter region segment `seg_index`: prefetch `lookahead` regions ahead
-        (Rule 2: each reload still waits for its own D2H), in reverse pack order."""
-        self.hc._note_backward()
+        """Backward is about to enter region segment `seg_index`: issue the reloads of every segment
+        down to `seg_index - d` (d in segments; a region call and the gap after it are two), in
+        reverse pack order. Rule 2: each reload still waits for its own D2H event."""
+        self.hc._note_backward(self.stats)
         seg = self.segments[seg_index]
-        if seg.backward_start is None:
-            seg.backward_start = self.backend.now()
-        d = self.hc._lookahead()
+        self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
+        d = self.hc._lookahead_segments()
         if d <= 0:
             return
-        lowest = max(0, seg_index - 2 * d - 1)  # region calls are every other segment
-        for s in range(seg_index, lowest - 1, -1):
+        for s in range(seg_index, max(0, seg_index - d) - 1, -1):
             for ref in reversed(self.segments[s].copies):
                 copy = ref()
                 if copy is not None:

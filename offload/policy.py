@@ -57,8 +57,13 @@ class Policy:
         raise NotImplementedError
 
     def lookahead(self) -> int:
-        """Regions ahead of backward at which reloads are issued (0: on demand at unpack)."""
-        return 1
+        """Segments ahead of backward at which reloads are issued (0: on demand at unpack).
+        A region call and the gap after it are two segments: 2 is one block ahead."""
+        return 2
+
+    def prediction(self) -> dict | None:
+        """What the plan predicted for this step (policy="auto"), for the report."""
+        return None
 
     def begin_forward(self, forward) -> None:
         """A `with hc:` forward starts."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import weakref
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import OffloadError
 from .handles import SlotHandle
+from .ranges import op_range
 
 
 class _StopReplay(Exception):
@@ -57,12 +57,13 @@ class RecomputeFrame:
 
     def __init__(self, name: str, forward: Callable, args: tuple, kwargs: dict, device: torch.device,
                  pack_input: Callable[[torch.Tensor], Any], guard: ReplayGuard,
-                 on_replay: Callable[[float], None]):
+                 on_replay: Callable[[str, object, object], None], mark: Callable[[], object]):
         self.name = name
         self.forward = forward
         self.device = device
         self.guard = guard
         self.on_replay = on_replay
+        self.mark = mark
         flat, self.spec = tree_flatten((args, kwargs))
         self.inputs = [(pack_input(x), x.requires_grad) if isinstance(x, torch.Tensor) else (None, x)
                        for x in flat]
@@ -100,9 +101,9 @@ class RecomputeFrame:
                 return
             self._stop_at = needed[-1]
             self._cursor = 0
-            t0 = time.perf_counter()
+            start = self.mark()
             args, kwargs = self._replay_inputs()
-            with self._replay_context():
+            with self._replay_context(), op_range(f"offload::recompute {self.name}", self.device.type == "cuda"):
                 try:
                     self.forward(*args, **kwargs)
                 except _StopReplay:
@@ -113,7 +114,7 @@ class RecomputeFrame:
                         f"backward, but its forward saved {len(self.meta)}. The region's forward must "
                         f"do the same work when replayed: avoid branching on global state or on values "
                         f"that change between forward and backward.")
-            self.on_replay(time.perf_counter() - t0)
+            self.on_replay(self.name, start, self.mark())
 
     def _replay_inputs(self) -> tuple[tuple, dict]:
         flat = []

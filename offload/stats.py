@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from .timeline import Timeline
 from .transfer import CopyEvent
 
 
@@ -38,13 +39,11 @@ class StepStats:
     h2d_bytes: int = 0
     prefetch_hits: int = 0  # reloads issued ahead of backward
     prefetch_misses: int = 0  # reloads issued on demand at unpack
-    stall_s: float = 0.0  # host time the compute thread blocked on reloads (emulation)
     replays: int = 0
-    replay_s: float = 0.0
     host_high_water: int = 0
     host_in_use: int = 0
     segments: dict[int, SegmentBytes] = field(default_factory=dict)
-    copies: list[CopyEvent] = field(default_factory=list, repr=False)
+    timeline: Timeline = field(default_factory=Timeline, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_saved(self, segment: int, name: str, action: str, nbytes: int) -> None:
@@ -63,23 +62,21 @@ class StepStats:
     def add_copy(self, event: CopyEvent) -> None:
         with self._lock:
             self.d2h_bytes += event.record.nbytes
-            self.copies.append(event)
+        self.timeline.add_copy(event)
 
     def add_reload(self, event: CopyEvent, prefetch: bool) -> None:
         with self._lock:
             self.h2d_bytes += event.record.nbytes
-            self.copies.append(event)
             if prefetch:
                 self.prefetch_hits += 1
             else:
                 self.prefetch_misses += 1
+        self.timeline.add_copy(event)
 
-    def add_stall(self, seconds: float) -> None:
-        if seconds > 0:
-            with self._lock:
-                self.stall_s += seconds
+    def add_wait(self, reached: object, event: CopyEvent) -> None:
+        self.timeline.add_wait(reached, event)
 
-    def add_replay(self, seconds: float) -> None:
+    def add_replay(self, name: str, start: object, end: object) -> None:
         with self._lock:
             self.replays += 1
-            self.replay_s += seconds
+        self.timeline.add_compute("recompute", name, start, end)

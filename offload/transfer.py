@@ -27,13 +27,11 @@ import torch
 
 @dataclass
 class CopyRecord:
-    """One copy as the backend saw it, for the timeline. Times are seconds from `origin`."""
+    """One copy as the backend saw it, for the timeline."""
 
     direction: str  # "d2h" or "h2d"
     nbytes: int
     label: str
-    start_s: float | None = None
-    end_s: float | None = None
 
 
 class CopyEvent(abc.ABC):
@@ -64,8 +62,9 @@ class TransferBackend(abc.ABC):
         """Allocate `nbytes` on the device and copy the host blocks `srcs` into it after `after`."""
 
     @abc.abstractmethod
-    def wait(self, event: CopyEvent) -> float:
-        """Make the compute stream wait for `event`; return seconds the host thread blocked."""
+    def wait(self, event: CopyEvent) -> object:
+        """Make the compute stream wait for `event`; return a mark of when compute reached the
+        wait (the stall is then max(0, end of the copy - that mark))."""
 
     @abc.abstractmethod
     def query(self, event: CopyEvent) -> bool:
@@ -86,12 +85,19 @@ class TransferBackend(abc.ABC):
         """Finish deferred bookkeeping on the calling (compute) thread."""
 
     @abc.abstractmethod
-    def now(self) -> float:
-        """Seconds on the compute stream's clock since this backend's origin (host time on the
-        emulation; on CUDA the host clock too, since device timestamps resolve asynchronously)."""
+    def mark(self) -> object:
+        """A timestamp on the compute stream, now (a host time, or a CUDA event)."""
 
-    def resolve(self, records: Sequence[CopyRecord]) -> None:
-        """Fill in start/end times of finished copies (no-op where they are known already)."""
+    @abc.abstractmethod
+    def seconds(self, mark: object) -> float | None:
+        """A mark as `time.perf_counter()` seconds, or None if it cannot be resolved yet."""
+
+    @abc.abstractmethod
+    def interval(self, event: CopyEvent) -> tuple[float, float] | None:
+        """When a finished copy ran, in `time.perf_counter()` seconds; None if not finished."""
+
+    def settle(self) -> None:
+        """Wait until every queued copy and compute mark has completed (for reports, tests)."""
 
     def close(self) -> None:
         """Stop worker threads; the backend is unusable afterwards."""

@@ -8,11 +8,21 @@ import pytest
 import torch
 
 from bench.gpt import GPT, GPTConfig, make_batch
-from offload import EmulatedBackend, HybridCheckpointer
+from offload import Action, EmulatedBackend, HybridCheckpointer, RegionSite
 
 # Activations of this model are 64-256 KiB; the threshold below makes them cross it.
 MIN_OFFLOAD = 16 * 1024
 TINY = GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.1)
+
+
+def mixed(site):
+    """A callable policy: recompute even blocks, offload odd ones; outside the blocks offload
+    tensors over 64 KiB; inside kept/offloaded blocks follow the block."""
+    if isinstance(site, RegionSite):
+        return Action.RECOMPUTE if site.index % 2 == 0 else Action.OFFLOAD
+    if site.region is None:
+        return Action.OFFLOAD if site.nbytes > 64 * 1024 else Action.KEEP
+    return None
 
 
 def cuda_or_skip() -> torch.device:

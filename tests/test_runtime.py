@@ -4,19 +4,10 @@ import gc
 import pytest
 import torch
 
-from offload import Action, HybridCheckpointer, PeakMemory, RegionSite, TensorSite
+from offload import HybridCheckpointer, PeakMemory
 from bench.gpt import make_batch
 
-from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, make_backend, settle, tiny_gpt, train
-
-
-def mixed(site):
-    """Recompute even blocks, offload odd ones; outside blocks offload tensors over 64 KiB."""
-    if isinstance(site, RegionSite):
-        return Action.RECOMPUTE if site.index % 2 == 0 else Action.OFFLOAD
-    if site.region is None:
-        return Action.OFFLOAD if site.nbytes > 64 * 1024 else Action.KEEP
-    return None
+from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, make_backend, mixed, settle, tiny_gpt, train
 
 
 POLICIES = ["keep", "offload", "recompute", mixed]
