@@ -123,6 +123,10 @@ class HybridCheckpointer:
             return CudaBackend(device if device is not None and device.type == "cuda" else None)
         return EmulatedBackend()
 
+    def _default_device_budget(self) -> int:
+        """Free device memory less headroom (policy="auto" without a device_budget)."""
+        return int(self._device_available() * (1 - DEVICE_HEADROOM))
+
     def _device_available(self) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -148,7 +152,11 @@ class HybridCheckpointer:
             params = {storage_key(p) for p in self.model.parameters()}
             params |= {storage_key(b) for b in self.model.buffers()}
         fp = ForwardPass(self, params)
+        self._policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
+        if self.model is not None:  # the input signature, before any segment is planned
+            region_hooks.add(self.model.register_forward_pre_hook(
+                lambda mod, args, kwargs: self._policy.model_inputs(args, kwargs), with_kwargs=True))
         saved_hooks = torch.autograd.graph.saved_tensors_hooks(fp.pack, fp.unpack)
         try:
             saved_hooks.__enter__()
@@ -157,7 +165,6 @@ class HybridCheckpointer:
             raise
         self._active = fp
         self._region_hooks, self._saved_hooks = region_hooks, saved_hooks
-        self._policy.begin_forward(fp)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -73,6 +73,7 @@ class ForwardPass:
         self._counted: set[StorageWeakRef] = set()
         self._calls_of: dict[int, int] = {}  # id(region module) -> calls so far
         self.records: list[TensorRecord] = []
+        self.input_bytes: dict[int, int] = {}  # region segment -> bytes of its tensor inputs
 
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
@@ -118,6 +119,9 @@ class ForwardPass:
         seg.forward_start = self.backend.mark()
         self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
+        inputs = {storage_key(x): x.untyped_storage().nbytes()
+                  for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
                 seg.name, region.module.forward, args, kwargs, self.device,

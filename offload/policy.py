@@ -65,6 +65,9 @@ class Policy:
         """What the plan predicted for this step (policy="auto"), for the report."""
         return None
 
+    def model_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The model was called with these inputs (before any of its tensors were saved)."""
+
     def begin_forward(self, forward) -> None:
         """A `with hc:` forward starts."""
 

@@ -84,6 +84,10 @@ class RegionHooks:
             self._handles.append(r.module.register_forward_hook(
                 lambda mod, args, output, _r=r: exit(_r, output), always_call=True))
 
+    def add(self, handle) -> None:
+        """Remove `handle` together with the region hooks."""
+        self._handles.append(handle)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

@@ -19,7 +19,8 @@ Rule 2 (stream discipline) lives in the backends; the handles only follow the pr
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,6 +33,7 @@ class CopyRecord:
     direction: str  # "d2h" or "h2d"
     nbytes: int
     label: str
+    issued_s: float = field(default_factory=time.perf_counter)  # host time the copy was queued
 
 
 class CopyEvent(abc.ABC):

@@ -1,0 +1,28 @@
+"""scheduler: what to do with each saved activation, and when to move it.
+
+Pure Python, data in and plan out (DESIGN.md §3): a `Profile` of the step goes in, a frozen
+`Plan` of `Action`s comes out, and `simulate` predicts the step a plan gives. Importing it
+loads neither torch nor `offload` (nor CUDA, nor NVML).
+"""
+import logging
+
+from .exact import plan_exact
+from .hardware import PRESETS, Hardware, get_hardware
+from .plan import Action, Plan, SegmentPlan
+from .planner import plan, plan_uniform
+from .prefetch import issue_order, lookahead
+from .profile import Profile, SegmentRecord, TensorRecord
+from .simulate import Interval, Timeline, simulate
+
+__all__ = [
+    # the contract with offload
+    "Action", "SegmentPlan", "Plan", "Profile", "SegmentRecord", "TensorRecord",
+    # hardware figures
+    "Hardware", "PRESETS", "get_hardware",
+    # planning
+    "plan", "plan_exact", "plan_uniform", "lookahead", "issue_order",
+    # prediction
+    "simulate", "Timeline", "Interval",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -55,7 +55,8 @@ class _Search:
                 if sim.input_bytes[s]:
                     ch.append(RECOMPUTE_OFFLOAD_INPUTS)
             self.choices.append(tuple(ch))
-        self.resident = [self._resident_options(s) for s in range(n)]
+        # bytes each choice keeps on the device from its forward to its backward
+        self.resident = [{c: sim.footprint(s, c)[0] for c in self.choices[s]} for s in range(n)]
         self.min_resident = [min(r.values()) for r in self.resident]
         self.min_alloc = [min(sim.saved[s] if c < RECOMPUTE else sim.input_bytes[s] + sim.cross[s]
                               for c in self.choices[s]) for s in range(n)]
@@ -65,21 +66,6 @@ class _Search:
         self.best_step = math.inf
         self.best: tuple[tuple[int, ...], int] | None = None
         self.leaves = 0
-
-    def _resident_options(self, s: int) -> dict[int, int]:
-        """Bytes segment s keeps on the device from its forward to its backward, per choice."""
-        sim = self.sim
-        out = {}
-        for c in self.choices[s]:
-            if c == KEEP:
-                out[c] = sim.saved[s]
-            elif c == OFFLOAD:
-                out[c] = sim.saved[s] - sum(x.nbytes for x in sim.tensors[s] if x.offloadable)
-            elif c == RECOMPUTE:
-                out[c] = sim.input_bytes[s] + sim.cross[s]
-            else:
-                out[c] = sim.cross[s]
-        return out
 
     def run(self) -> None:
         self._dfs(0, [], 0.0, [], 0, 0, 0.0, [])
@@ -137,13 +123,12 @@ class _Search:
         return []
 
     def _backward_fits(self, s: int, c: int, codes: list[int], resident_before: int) -> bool:
+        """Bound 3 for segment s under choice c (`resident_before`: segments 0 .. s-1)."""
         sim = self.sim
-        own = sim.saved[s] + (sim.input_bytes[s] if c >= RECOMPUTE else 0)
-        held = resident_before + own
-        if s > 0:
-            p = codes[s - 1]  # the reloads of s - 1 are issued by the time backward reaches s
-            held += (sim.saved[s - 1] if p < RECOMPUTE else sim.input_bytes[s - 1] + sim.cross[s - 1]) \
-                - self.resident[s - 1][p]
+        held = resident_before + sim.footprint(s, c)[2]
+        if s > 0:  # segment s - 1 with its reloads issued, instead of its resident share
+            p = codes[s - 1]
+            held += sim.footprint(s - 1, p)[1] - sim.footprint(s - 1, p)[0]
         return held <= self.device_budget
 
     def _future_fits(self, s: int, resident: int, inflight: list[tuple[float, int]]) -> bool:
@@ -171,7 +156,8 @@ class _Search:
         tail = [0.0] * (sim.n + 1)
         acc = 0.0
         for j in range(sim.n):
-            acc += sim.backward_s[j] + (sim.forward_s[j] if j < k and codes[j] >= RECOMPUTE else 0.0)
+            replay = j < k and codes[j] >= RECOMPUTE
+            acc += sim.backward_s[j] + (sim.forward_s[j] if replay else 0.0)
             tail[j] = acc
         h2d = self.forward_total
         for _, d2h_end, h2d_s, need in reversed(copies):
@@ -197,8 +183,8 @@ def plan_exact(profile: Profile, device_budget: int, host_budget: int | None,
     inputs} that meets both budgets in the simulator, by branch and bound.
 
     For profiles of at most 10 segments (`ValueError` otherwise). When no assignment fits, the
-    plan that keeps nothing it can avoid (recompute with offloaded inputs where allowed, offload
-    elsewhere) is returned with a note, as `plan` does.
+    plan that moves all it may (recompute with offloaded inputs where allowed, offload
+    elsewhere) is returned with a note saying so.
     """
     check_budgets("plan_exact", device_budget, host_budget)
     sim = Simulator(profile, hardware)
@@ -212,7 +198,7 @@ def plan_exact(profile: Profile, device_budget: int, host_budget: int | None,
         ids = frozenset().union(*(search.moved[s] for s, c in enumerate(codes) if c == OFFLOAD))
         return build_plan(sim, codes, ids, 1, notes=(
             f"plan_exact: no plan meets device_budget={device_budget} and "
-            f"host_budget={host_budget}; returning the least-memory plan",))
+            f"host_budget={host_budget}; returning the plan that moves all it may",))
     codes, d = search.best
     ids = frozenset().union(*(search.moved[s] for s, c in enumerate(codes) if c == OFFLOAD))
     return build_plan(sim, codes, ids, d, notes=(f"plan_exact: {search.leaves} plans simulated",))

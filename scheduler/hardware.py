@@ -35,10 +35,12 @@ class Hardware:
 
     def __post_init__(self) -> None:
         for name in ("bw_d2h", "bw_h2d"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Hardware.{name} must be > 0 bytes/s, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"Hardware.{name} must be > 0 bytes/s, got {value!r}")
         if self.transfer_latency_s < 0:
-            raise ValueError(f"Hardware.transfer_latency_s must be >= 0, got {self.transfer_latency_s!r}")
+            raise ValueError(
+                f"Hardware.transfer_latency_s must be >= 0, got {self.transfer_latency_s!r}")
         if not 0 < self.mfu <= 1:
             raise ValueError(f"Hardware.mfu must be in (0, 1], got {self.mfu!r}")
 

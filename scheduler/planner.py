@@ -8,13 +8,17 @@
 3. Deficit: until the device budget is met, take the move that frees the most peak memory per
    second it adds to the step (`costmodel.freed_per_exposed_second`): offload the rest of a
    segment (exposed transfer), recompute it, or recompute it with its inputs offloaded.
-4. Refine: a local search over single-segment changes, seeded from the greedy, keeps any change
-   that lowers (budget overrun, step time, bytes moved); then offloaded tensors that are not
-   needed go back on the device, one tensor at a time (per-tensor offload inside kept segments).
+4. Relax: from plans that move everything that may move (`low_memory_seeds`), undo moves where
+   they buy the most step time per byte of peak, while the plan fits.
+5. Refine: a local search over single-segment changes (and pairs of them on small profiles),
+   seeded from each of the above, keeps any change that lowers (budget overrun, step time,
+   bytes moved); the best result wins. Then offloaded tensors that are not needed go back on
+   the device, one tensor at a time (per-tensor offload inside kept segments).
 
 Rule 1 (resident tail). The last `keep_last` recomputable segments and the segments after them
 stay KEEP: backward needs them at once, so offloading them is fully exposed (DESIGN.md §4,
-rule 6). The rule is dropped, with a note, only when the budget cannot be met with it.
+rule 6). The rule is dropped, with a note, only when the budget cannot be met with it (or by
+rule 5).
 
 Rule 2 (budgets). Every plan is checked on the simulator: the peak device bytes must be at most
 `device_budget` and the host bytes at most `host_budget`. When even the least-memory plan does
@@ -22,12 +26,20 @@ not fit, that plan is returned with a note saying so; nothing raises.
 
 Rule 3 (lookahead). A plan's lookahead is the formula of `prefetch` capped by the device
 headroom, raised to the largest d that still fits when that shortens the step.
+
+Rule 4 (allowed actions). Actions that cannot fit in any plan are never tried
+(`allowed_actions`): a replay holds a segment's bytes and its inputs at once, so recompute can
+need more memory than offload; without this the search can stall on such a segment.
+
+Rule 5 (baselines). The plan is never worse than full recompute or offload-all when they fit:
+if one of them beats the search's plan (in budget overrun, then step time), it is returned,
+rule 1 notwithstanding (DESIGN.md §7: never slower than full recompute at any budget).
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import costmodel
 from .hardware import Hardware
@@ -55,7 +67,7 @@ def check_budgets(api: str, device_budget: int, host_budget: int | None) -> None
 
 def evaluate(sim: Simulator, codes: tuple[int, ...], ids: frozenset[int],
              device_budget: int) -> tuple[Timeline, int]:
-    """The simulated step of `codes` and `ids` with its lookahead (rule 3)."""
+    """The simulated step of `codes` and `ids` with its lookahead (planner rule 3)."""
     if not sim.reloads(codes, ids):
         return sim.run(codes, ids, 1), 1
     d = formula_lookahead(sim, codes, ids)
@@ -94,21 +106,23 @@ def plan_uniform(profile: Profile, action: Action, hardware: Hardware | None = N
     recomputable segment and keeps the others (full activation checkpointing). The lookahead
     is the `prefetch` formula, uncapped.
     """
-    sim = Simulator(profile, hardware)
-    n = sim.n
-    ids: frozenset[int] = frozenset()
-    if action is Action.KEEP:
-        codes = (KEEP,) * n
-    elif action is Action.OFFLOAD:
-        ids = sim.offloadable_ids
-        codes = tuple(OFFLOAD if any(x.offloadable for x in sim.tensors[s]) else KEEP
-                      for s in range(n))
-    elif action is Action.RECOMPUTE:
-        codes = tuple(RECOMPUTE if sim.recomputable[s] else KEEP for s in range(n))
-    else:
+    if not isinstance(action, Action):
         raise ValueError(f"plan_uniform: action must be an Action, got {action!r}")
+    sim = Simulator(profile, hardware)
+    codes, ids = uniform_state(sim, action)
     d = formula_lookahead(sim, codes, ids)
     return build_plan(sim, codes, ids, d, notes=(f"uniform {action.name}",))
+
+
+def uniform_state(sim: Simulator, action: Action) -> tuple[tuple[int, ...], frozenset[int]]:
+    """The codes and offloaded ids of `plan_uniform`."""
+    n = sim.n
+    if action is Action.OFFLOAD:
+        return (tuple(OFFLOAD if any(x.offloadable for x in sim.tensors[s]) else KEEP
+                      for s in range(n)), sim.offloadable_ids)
+    if action is Action.RECOMPUTE:
+        return tuple(RECOMPUTE if sim.recomputable[s] else KEEP for s in range(n)), frozenset()
+    return (KEEP,) * n, frozenset()
 
 
 def plan(profile: Profile, device_budget: int, host_budget: int | None,
@@ -139,10 +153,49 @@ def _resident_tail(sim: Simulator, keep_last: int) -> frozenset[int]:
     return frozenset(range(regions[max(0, len(regions) - keep_last)], sim.n))
 
 
-State = tuple[tuple[int, ...], frozenset[int]]  # action code per segment, offloaded tensor ids
-Key = tuple[float, float, int]  # budget overrun (bytes), step (s), bytes moved
+def allowed_actions(sim: Simulator, device_budget: int,
+                    resident: frozenset[int]) -> list[tuple[int, ...]]:
+    """Rule 4: the actions each segment may take. Rule 1's tail keeps; any other segment may
+    keep, offload (if it has offloadable tensors), recompute and recompute with its inputs
+    offloaded (if recomputable), except an action that cannot fit in any plan: while segment j's
+    backward runs, the device holds j's own bytes under that action, segment j - 1's bytes
+    (reloads are issued at least one segment ahead) and the resident bytes of every segment
+    before it. With every other segment at its least, an action over budget is dropped; this
+    repeats until nothing changes. A segment left with no action keeps them all."""
+    n = sim.n
+    actions = []
+    for s in range(n):
+        acts = [KEEP]
+        if s not in resident:
+            if any(x.offloadable for x in sim.tensors[s]):
+                acts.append(OFFLOAD)
+            if sim.recomputable[s]:
+                acts.append(RECOMPUTE)
+                if sim.input_bytes[s]:
+                    acts.append(RECOMPUTE_OFFLOAD_INPUTS)
+        actions.append(acts)
+    changed = True
+    while changed:
+        changed = False
+        least = [[min(sim.footprint(s, c)[k] for c in actions[s]) for s in range(n)]
+                 for k in (0, 1)]  # resident, while the next segment's backward runs
+        before = 0  # least resident bytes of segments 0 .. j-2
+        for j in range(n):
+            floor = before + (least[1][j - 1] if j > 0 else 0)
+            fit = [c for c in actions[j] if floor + sim.footprint(j, c)[2] <= device_budget]
+            if fit and len(fit) < len(actions[j]):
+                actions[j], changed = fit, True
+            if j > 0:
+                before += least[0][j - 1]
+    return [tuple(a) for a in actions]
 
-PAIR_LIMIT = 12  # refine tries pairs of changes on profiles of at most this many segments
+
+State = tuple[tuple[int, ...], frozenset[int]]  # action code per segment, offloaded tensor ids
+Move = tuple[int, int]  # (segment, action code); OFFLOAD moves all its offloadable tensors
+Key = tuple[float, float, int]  # budget overrun (bytes), step (s), bytes moved
+Score = Callable[[State, State], "tuple[float, ...] | None"]
+
+PAIR_LIMIT = 12  # refine also tries pairs of changes on profiles of at most this many segments
 
 
 class _Search:
@@ -153,9 +206,9 @@ class _Search:
         self.sim = sim
         self.device_budget = device_budget
         self.host_budget = math.inf if host_budget is None else host_budget
-        self.resident = resident
         self.offloadable = [frozenset(x.id for x in sim.tensors[s] if x.offloadable)
                             for s in range(sim.n)]
+        self.set_resident(resident)
         self.base_step = sum(sim.forward_s) + sum(sim.backward_s)
         self._cache: dict[State, tuple[Timeline, int]] = {}
 
@@ -194,43 +247,65 @@ class _Search:
 
     # -- moves ---------------------------------------------------------------------------
 
-    def options(self, state: State, s: int) -> list[State]:
-        """`state` with segment s set to each other of KEEP, OFFLOAD (all its offloadable
-        tensors), RECOMPUTE and RECOMPUTE with offloaded inputs."""
+    def apply(self, state: State, move: Move) -> State:
+        """`state` with segment s set to code c (OFFLOAD takes all its offloadable tensors)."""
+        s, c = move
         codes, ids = state
-        if s in self.resident:
-            return []
-        sim = self.sim
         own = self.offloadable[s]
-        rest = ids - own
-        targets = [(KEEP, rest)]
-        if own:
-            targets.append((OFFLOAD, rest | own))
-        if sim.recomputable[s]:
-            targets.append((RECOMPUTE, rest))
-            if sim.input_bytes[s]:
-                targets.append((RECOMPUTE_OFFLOAD_INPUTS, rest))
-        out = []
-        for c, new_ids in targets:
-            if c != codes[s] or new_ids != ids:
-                out.append((codes[:s] + (c,) + codes[s + 1:], new_ids))
-        return out
+        ids = (ids | own) if c == OFFLOAD else (ids - own)
+        return codes[:s] + (c,) + codes[s + 1:], ids
 
-    def least_memory(self) -> State:
-        """Everything moved that may move: recompute (inputs offloaded) or offload."""
-        sim = self.sim
-        codes, ids = [], set()
-        for s in range(sim.n):
-            if s in self.resident:
-                codes.append(KEEP)
-            elif sim.recomputable[s]:
-                codes.append(RECOMPUTE_OFFLOAD_INPUTS if sim.input_bytes[s] else RECOMPUTE)
-            elif self.offloadable[s]:
-                codes.append(OFFLOAD)
-                ids |= self.offloadable[s]
-            else:
-                codes.append(KEEP)
-        return tuple(codes), frozenset(ids)
+    def set_resident(self, resident: frozenset[int]) -> None:
+        """Fix the resident tail (rule 1) and the actions each segment may take (rule 4)."""
+        self.resident = resident
+        self.actions = allowed_actions(self.sim, self.device_budget, resident)
+
+    def moves(self, state: State) -> list[Move]:
+        """Every change of one segment to another of its allowed actions."""
+        return [(s, c) for s in range(self.sim.n) for c in self.actions[s]
+                if self.apply(state, (s, c)) != state]
+
+    def low_memory_seeds(self) -> list[State]:
+        """Plans that move all that may move, three ways: recomputable segments recompute with
+        their inputs offloaded, or with them kept, the others offload; or full recompute with
+        the others kept. Each segment takes the first of these its allowed actions include.
+        None is always the least memory: offloading adds in-flight bytes while D2H lags, and a
+        replay holds a segment's bytes and its inputs at once."""
+        seeds = []
+        for prefer in ((RECOMPUTE_OFFLOAD_INPUTS, RECOMPUTE, OFFLOAD),
+                       (RECOMPUTE, RECOMPUTE_OFFLOAD_INPUTS, OFFLOAD),
+                       (RECOMPUTE, RECOMPUTE_OFFLOAD_INPUTS, KEEP)):
+            state: State = ((KEEP,) * self.sim.n, frozenset())
+            for s in range(self.sim.n):
+                c = next((c for c in prefer if c in self.actions[s]), self.actions[s][0])
+                state = self.apply(state, (s, c))
+            if state not in seeds:
+                seeds.append(state)
+        return seeds
+
+    def sweep(self, state: State, score: Score,
+              done: Callable[[State], bool] | None = None) -> State:
+        """Rank every single move by `score` (None: not acceptable), apply them best first,
+        each re-scored against the state it lands on, and repeat until no move is acceptable
+        or `done` holds. Each accepted move strictly improves what `score` measures."""
+        while True:
+            ranked = []
+            for move in self.moves(state):
+                sc = score(state, self.apply(state, move))
+                if sc is not None:
+                    ranked.append((sc, move))
+            if not ranked:
+                return state
+            ranked.sort(key=lambda r: r[0], reverse=True)
+            for _, move in ranked:
+                cand = self.apply(state, move)
+                if cand != state and score(state, cand) is not None:
+                    state = cand
+                    if done is not None and done(state):
+                        return state
+
+    def fits(self, state: State) -> bool:
+        return self.overrun(self.eval(state)[0]) == 0
 
     # -- the method ----------------------------------------------------------------------
 
@@ -238,15 +313,20 @@ class _Search:
         """The best plan found and the notes that explain it."""
         n = self.sim.n
         keep: State = ((KEEP,) * n, frozenset())
-        if self.overrun(self.eval(keep)[0]) == 0:
+        if self.fits(keep):
             return keep, ("keep-all fits the device budget: nothing moves",)
         notes: list[str] = []
         best = self.search(keep)
-        if self.key(best)[0] > 0 and self.resident:
+        if not self.fits(best) and self.resident:  # rule 1 gives way to rule 2
             notes.append("rule 1 dropped: the budget cannot be met with the last segments "
                          "resident")
-            self.resident = frozenset()
+            self.set_resident(frozenset())
             best = self.search(keep)
+        for action in (Action.RECOMPUTE, Action.OFFLOAD):  # rule 5
+            uniform = uniform_state(self.sim, action)
+            if self.better(self.key(uniform), self.key(best)):
+                notes.append(f"rule 5: uniform {action.name} beats the search's plan")
+                best = uniform
         tl, _ = self.eval(best)
         if self.overrun(tl) > 0:
             notes.append(
@@ -258,10 +338,12 @@ class _Search:
         return best, tuple(notes)
 
     def search(self, keep: State) -> State:
-        """Steps 2-4 from keep-all, and the relaxation from the least-memory plan; the better."""
-        forward = self.refine(self.cover_deficit(self.fill_free_window(keep)))
-        backward = self.refine(self.relax(self.least_memory()))
-        best = forward if not self.better(self.key(backward), self.key(forward)) else backward
+        """Steps 2, 3 and 5 from keep-all, steps 4 and 5 from each low-memory seed; the best."""
+        best = self.refine(self.cover_deficit(self.fill_free_window(keep)))
+        for seed in self.low_memory_seeds():
+            cand = self.refine(self.relax(seed))
+            if self.better(self.key(cand), self.key(best)):
+                best = cand
         return self.trim(best)
 
     def fill_free_window(self, state: State) -> State:
@@ -274,7 +356,7 @@ class _Search:
         for x in order:
             s = sim.segment_of[x.id]
             codes, ids = state
-            if codes[s] not in (KEEP, OFFLOAD):
+            if codes[s] not in (KEEP, OFFLOAD) or OFFLOAD not in self.actions[s]:
                 continue
             cand = (codes[:s] + (OFFLOAD,) + codes[s + 1:], ids | {x.id})
             tl, _ = self.eval(cand)
@@ -285,84 +367,60 @@ class _Search:
         return state
 
     def cover_deficit(self, state: State) -> State:
-        """Step 3: the move freeing the most peak bytes per added second, until the plan fits."""
-        sim = self.sim
-        while True:
-            tl, _ = self.eval(state)
-            if self.overrun(tl) == 0:
-                return state
-            best, best_score = None, (0.0, 0)
-            for s in range(sim.n):
-                for cand in self.options(state, s):
-                    new, _ = self.eval(cand)
-                    if new.peak_host_bytes > self.host_budget:
-                        continue
-                    freed = tl.peak_device_bytes - new.peak_device_bytes
-                    score = (costmodel.freed_per_exposed_second(freed, new.step_s - tl.step_s),
-                             freed)
-                    if freed > 0 and score > best_score:
-                        best, best_score = cand, score
-            if best is None:
-                return state
-            state = best
+        """Step 3: moves by peak bytes freed per second added, until the plan fits."""
+        def score(cur: State, cand: State) -> tuple[float, float] | None:
+            tl, new = self.eval(cur)[0], self.eval(cand)[0]
+            freed = tl.peak_device_bytes - new.peak_device_bytes
+            if freed <= 0 or new.peak_host_bytes > self.host_budget:
+                return None
+            return costmodel.freed_per_exposed_second(freed, new.step_s - tl.step_s), freed
+        return state if self.fits(state) else self.sweep(state, score, self.fits)
 
     def relax(self, state: State) -> State:
-        """From a plan that fits, undo moves where they buy the most step time per byte of peak
-        they give back, while the plan still fits."""
-        sim = self.sim
-        while True:
-            tl, _ = self.eval(state)
-            if self.overrun(tl) > 0:
-                return state
-            best, best_score = None, (0.0, 0.0)
-            for s in range(sim.n):
-                for cand in self.options(state, s):
-                    if self.replay_bound(cand[0]) >= tl.step_s:
-                        continue
-                    new, _ = self.eval(cand)
-                    gain = tl.step_s - new.step_s
-                    if self.overrun(new) > 0 or gain <= _REL_EPS * tl.step_s:
-                        continue
-                    cost = new.peak_device_bytes - tl.peak_device_bytes
-                    score = (math.inf if cost <= 0 else gain / cost, gain)
-                    if score > best_score:
-                        best, best_score = cand, score
-            if best is None:
-                return state
-            state = best
-
-    def _improvement(self, state: State, current: Key,
-                     candidates: Sequence[State]) -> tuple[State, Key] | None:
-        """The best candidate that improves on `current`, or None."""
-        best = None
-        for cand in candidates:
-            if current[0] == 0 and self.replay_bound(cand[0]) >= current[1]:
-                continue  # cannot be faster than a plan that already fits
-            k = self.key(cand)
-            if self.better(k, current) and (best is None or self.better(k, best[1])):
-                best = (cand, k)
-        return best
+        """Step 4: from a plan that fits, undo moves by step seconds saved per byte of peak
+        given back, while the plan still fits."""
+        def score(cur: State, cand: State) -> tuple[float, float] | None:
+            tl = self.eval(cur)[0]
+            if self.replay_bound(cand[0]) >= tl.step_s:
+                return None
+            new = self.eval(cand)[0]
+            gain = tl.step_s - new.step_s
+            if self.overrun(new) > 0 or gain <= _REL_EPS * tl.step_s:
+                return None
+            cost = new.peak_device_bytes - tl.peak_device_bytes
+            return (math.inf if cost <= 0 else gain / cost), gain
+        return self.sweep(state, score) if self.fits(state) else state
 
     def refine(self, state: State) -> State:
-        """Step 4: best-improvement local search, single changes first, then pairs."""
-        sim = self.sim
-        current = self.key(state)
+        """Step 5: local search over single changes, then (small profiles) pairs of changes."""
+        def score(cur: State, cand: State) -> tuple[float, float, float] | None:
+            now = self.key(cur)
+            if now[0] == 0 and self.replay_bound(cand[0]) >= now[1]:
+                return None  # cannot be faster than a plan that already fits
+            k = self.key(cand)
+            return (-k[0], -k[1], -k[2]) if self.better(k, now) else None
         while True:
-            singles = [c for s in range(sim.n) for c in self.options(state, s)]
-            found = self._improvement(state, current, singles)
-            if found is None and sim.n <= PAIR_LIMIT:
-                pairs = [c2 for s1 in range(sim.n) for c1 in self.options(state, s1)
-                         for s2 in range(s1 + 1, sim.n) for c2 in self.options(c1, s2)]
-                found = self._improvement(state, current, pairs)
-            if found is None:
+            state = self.sweep(state, score)
+            if self.sim.n > PAIR_LIMIT:
                 return state
-            state, current = found
+            pairs = [self.apply(self.apply(state, m1), m2) for m1 in self.moves(state)
+                     for m2 in self.moves(self.apply(state, m1)) if m2[0] > m1[0]]
+            ranked = [(sc, p) for p in pairs if (sc := score(state, p)) is not None]
+            if not ranked:
+                return state
+            state = max(ranked, key=lambda r: r[0])[1]
 
     def trim(self, state: State) -> State:
-        """Step 4, per tensor: give back offloads that neither the budget nor the step needs."""
+        """Step 5, per tensor: give back offloads that neither the budget nor the step needs.
+
+        Only tensors no larger than the device headroom are tried: keeping one of them on the
+        device adds its bytes to the forward-end memory."""
         sim = self.sim
         current = self.key(state)
-        for tid in sorted(state[1], key=lambda i: sim.segment_of[i], reverse=True):
+        for tid in sorted(state[1], key=lambda i: (-sim.segment_of[i], i)):
+            x = next(t for t in sim.tensors[sim.segment_of[tid]] if t.id == tid)
+            if x.nbytes > self.device_budget - self.eval(state)[0].peak_device_bytes:
+                continue
             s = sim.segment_of[tid]
             codes, ids = state
             ids = ids - {tid}

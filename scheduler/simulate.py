@@ -121,6 +121,8 @@ class Simulator:
                                               costmodel.h2d_seconds(t.nbytes, hw), f"t{t.id}"))
         self.tensors = tuple(tuple(sorted(ts, key=lambda t: t.id)) for ts in per_seg)
         self.segment_of = {t.id: t.segment for t in profile.tensors}
+        if len(self.segment_of) != len(profile.tensors):
+            raise ValueError("Profile.tensors: tensor ids must be unique (one record per storage)")
         self.offloadable_ids = frozenset(t.id for t in profile.tensors if t.offloadable)
         self.saved = tuple(sum(t.nbytes for t in ts) for ts in self.tensors)
         # Bytes a later segment saves again: kept even when the segment is recomputed (rule 1).
@@ -170,6 +172,19 @@ class Simulator:
                 if moved:
                     out[s] = (max(x.last for x in moved), sum(x.h2d_s for x in moved))
         return out
+
+    def footprint(self, s: int, c: int) -> tuple[int, int, int]:
+        """Device bytes segment s holds under action code c, OFFLOAD moving all it may:
+        (from its forward to its backward once its copies are done, while the backward of
+        segment s + 1 runs with its reloads issued, during its own backward)."""
+        saved, inputs, cross = self.saved[s], self.input_bytes[s], self.cross[s]
+        if c == KEEP:
+            return saved, saved, saved
+        if c == OFFLOAD:
+            return saved - sum(x.nbytes for x in self.tensors[s] if x.offloadable), saved, saved
+        if c == RECOMPUTE:
+            return inputs + cross, inputs + cross, saved + inputs
+        return cross, inputs + cross, saved + inputs
 
     def timeline(self, plan: Plan) -> Timeline:
         """The simulated step of `plan`."""

@@ -1,0 +1,164 @@
+"""policy="auto": measure a step, ask the scheduler for a plan, carry it out.
+
+Per input-shape signature (the shapes and dtypes of the model's inputs):
+  1. the first forwards run under a safe plan (every region recomputed: the least device
+     memory); the first of them warms up (allocator, kernels, page faults), the second is
+     measured: every saved tensor and the segment times;
+  2. after its backward, the next forward builds the `Profile` (with the link measured on our
+     own pool), plans under the device budget less a backward reserve (below) and the host
+     budget, and runs the plan;
+  3. a forward whose saved tensors differ from the profile (data-dependent shapes) still runs
+     correctly (the plan only ever changes where bytes live), and its signature is profiled again.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from scheduler import Plan, plan as make_plan
+from scheduler.plan import Action, SegmentPlan
+
+from .bandwidth import measure_link
+from .policy import Policy, RegionSite, TensorSite
+from .stepprofile import build_profile
+
+if TYPE_CHECKING:
+    from .checkpointer import HybridCheckpointer
+    from .hooks import ForwardPass
+
+log = logging.getLogger(__name__)
+
+_PROFILING = SegmentPlan(Action.RECOMPUTE)
+WARMUP_FORWARDS = 1  # profiling forwards per signature that are not measured
+
+
+RESERVE_SHARE = 0.5
+
+
+def backward_reserve(profile) -> int:
+    """Bytes the plan leaves free under the device budget for backward's own working set.
+
+    The budget counts saved activations (DESIGN.md §2), but while a segment's backward runs the
+    gradients of its activations are allocated next to its saved tensors. On our GPT blocks that
+    working set measured 0.4-0.6 of the block's saved bytes, hence half the largest segment's
+    saved bytes: it keeps the measured peak, not only the planned one, under the budget."""
+    return int(RESERVE_SHARE * max((profile.saved_bytes(s.index) for s in profile.segments), default=0))
+
+
+class AutoPolicy(Policy):
+    """The scheduler's plan, one per input-shape signature."""
+
+    def __init__(self, hc: "HybridCheckpointer"):
+        self.hc = hc
+        self.plans: dict[str, Plan] = {}
+        self.profiles: dict = {}
+        self.reserves: dict[str, int] = {}
+        self._pending: tuple | None = None  # (forward, stats, signature) awaiting its backward
+        self._warm: dict[str, int] = {}  # signature -> profiling forwards seen
+        self._signature = ""
+        self._plan: Plan | None = None  # the plan this forward runs; None while profiling
+        self._decided = False
+
+    # -- per forward ---------------------------------------------------------------------------
+    def begin_forward(self, forward: "ForwardPass") -> None:
+        self._finish_pending()
+        self._signature = ""
+        self._plan = None
+        self._decided = False
+
+    def model_inputs(self, args: tuple, kwargs: dict) -> None:
+        if not self._decided:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            self._signature = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in leaves if isinstance(t, torch.Tensor))
+
+    def _current(self) -> Plan | None:
+        if not self._decided:
+            self._decided = True
+            self._plan = self.plans.get(self._signature)
+        return self._plan
+
+    def end_forward(self, forward: "ForwardPass", failed: bool) -> None:
+        plan = self._plan if self._decided else None
+        if failed:
+            return
+        if plan is None:
+            seen = self._warm.get(self._signature, 0)
+            self._warm[self._signature] = seen + 1
+            if seen >= WARMUP_FORWARDS:
+                self._pending = (forward, forward.stats, self._signature)
+            return
+        profile = self.profiles[self._signature]
+        seen = {(r.id, r.nbytes) for r in forward.records}
+        if len(forward.segments) != len(plan.segments) or seen != {(r.id, r.nbytes) for r in profile.tensors}:
+            log.info("auto: this forward saved other tensors than its profile (signature %s); "
+                     "profiling it again", self._signature)
+            self.plans.pop(self._signature, None)
+            self._warm.pop(self._signature, None)
+
+    def _finish_pending(self) -> None:
+        if self._pending is None:
+            return
+        forward, stats, signature = self._pending
+        timeline = stats.timeline
+        if not timeline.backward or any(end is None for _, end in timeline.backward):
+            return  # its backward has not run yet
+        self._pending = None
+        hc = self.hc
+        hc.backend.settle()
+        link = measure_link(hc.backend, hc.host_pool)
+        profile = build_profile(forward, timeline.resolve(hc.backend), link, signature)
+        budget = hc.device_budget if hc.device_budget is not None else hc._default_device_budget()
+        reserve = min(backward_reserve(profile), budget // 2)
+        plan = make_plan(profile, budget - reserve, hc.host_budget, keep_last=hc.keep_last)
+        for note in plan.notes:
+            log.info("auto plan: %s", note)
+        self.profiles[signature] = profile
+        self.plans[signature] = plan
+        self.reserves[signature] = reserve
+        log.info("auto plan for %s: %s; predicted step %.2f ms, peak %.1f MiB (budget %.1f MiB, "
+                 "%.1f MiB of it reserved for backward)", signature or "(no inputs)", _mix(plan),
+                 plan.predicted_step_s * 1e3, plan.predicted_peak_bytes / 2**20, budget / 2**20,
+                 reserve / 2**20)
+
+    # -- decisions -----------------------------------------------------------------------------
+    def region(self, site: RegionSite, segment: int) -> SegmentPlan:
+        plan = self._current()
+        if plan is None:
+            return _PROFILING
+        return plan.segments[segment] if segment < len(plan.segments) else SegmentPlan(Action.KEEP)
+
+    def gap(self, segment: int, tail: bool) -> SegmentPlan:
+        plan = self._current()
+        if plan is None or segment >= len(plan.segments):
+            return SegmentPlan(Action.KEEP)
+        return plan.segments[segment]
+
+    def tensor(self, site: TensorSite, segment: SegmentPlan) -> Action:
+        plan = self._current()
+        return Action.OFFLOAD if plan is not None and site.index in plan.offload_ids else Action.KEEP
+
+    def lookahead(self) -> int:
+        return self._plan.lookahead if self._plan is not None else 2
+
+    def prediction(self) -> dict | None:
+        plan = self._plan
+        if plan is None:
+            return None
+        profile = self.profiles[plan.signature] if plan.signature in self.profiles else None
+        sizes = {t.id: t.nbytes for t in profile.tensors} if profile else {}
+        recompute = [s.index for s, p in zip(profile.segments, plan.segments)
+                     if p.action is Action.RECOMPUTE] if profile else []
+        return dict(step_s=plan.predicted_step_s, peak_bytes=plan.predicted_peak_bytes,
+                    host_bytes=plan.predicted_host_bytes,
+                    offloaded_bytes=sum(sizes.get(i, 0) for i in plan.offload_ids),
+                    recomputed_bytes=sum(t.nbytes for t in profile.tensors if t.segment in recompute)
+                    if profile else 0,
+                    reserve_bytes=self.reserves.get(plan.signature, 0),
+                    lookahead=plan.lookahead, mix=_mix(plan), notes=list(plan.notes))
+
+
+def _mix(plan: Plan) -> str:
+    counts = {a: sum(1 for s in plan.segments if s.action is a) for a in Action}
+    return ", ".join(f"{n} {a.value}" for a, n in counts.items() if n)
