@@ -57,6 +57,9 @@ class HybridCheckpointer:
         keep_last: region calls at the end of forward kept resident under "offload" (backward
             needs them at once).
         slab_bytes: host pool slab size (a power of two).
+        op_policy: selective recompute inside recomputed regions: a PyTorch checkpoint policy
+            function `fn(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy`;
+            saved op outputs are reused by the replay, CPU_OFFLOAD ones go through our pool.
         monitor: an `offload.Monitor` whose NVML/psutil samples the report and trace include,
             or True to start one on the first forward (stopped by `close()`).
 
@@ -70,10 +73,14 @@ class HybridCheckpointer:
                  regions: Union[str, Sequence[nn.Module], None] = "auto",
                  backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
                  lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20,
-                 monitor: "Monitor | bool" = False):
+                 monitor: "Monitor | bool" = False, op_policy: Callable | None = None):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
         self.model = model
+        if op_policy is not None and not callable(op_policy):
+            raise TypeError(f"HybridCheckpointer(op_policy={op_policy!r}): expected a function "
+                            f"(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy")
+        self.op_policy = op_policy
         self.regions: list[Region] = resolve_regions(model, regions)
         fixed = resolve_policy(policy)
         if isinstance(policy, (str, Action)) and fixed is not None and getattr(fixed, "action", None) is Action.RECOMPUTE \
@@ -103,6 +110,7 @@ class HybridCheckpointer:
         self._stats = StepStats(step=0)
         self._backward_seen = False
         self._history: list[StepStats] = []
+        self._warned_hf = False
         if not isinstance(monitor, bool) and not hasattr(monitor, "samples"):
             raise TypeError(f"HybridCheckpointer(monitor={monitor!r}): expected an offload.Monitor or a bool")
         self.monitor = monitor if not isinstance(monitor, bool) else None
@@ -144,6 +152,7 @@ class HybridCheckpointer:
                                "forwards under one checkpointer are not supported); use one `with` per forward")
         if self._backward_seen:
             self._begin_step()
+        self._check_foreign_checkpointing()
         if self._own_monitor and self.monitor is None:
             from .monitor import Monitor
             self.monitor = Monitor(self.device).start()
@@ -177,6 +186,18 @@ class HybridCheckpointer:
             fp.close()
             self._stats.forwards += 1
             self._policy.end_forward(fp, failed=exc_type is not None)
+
+    def _check_foreign_checkpointing(self) -> None:
+        """Hugging Face's own gradient checkpointing recomputes every layer with
+        torch.utils.checkpoint; its hooks sit inside ours, so the layers' tensors never reach us.
+        Gradients stay correct, but our policy then decides nothing inside the layers: say so."""
+        if self._warned_hf or not getattr(self.model, "is_gradient_checkpointing", False):
+            return
+        self._warned_hf = True
+        log.warning("HybridCheckpointer: the model has Hugging Face gradient_checkpointing enabled; it "
+                    "recomputes every layer itself, so the runtime sees no tensors inside the layers and "
+                    "policy=%r has no effect there. Call model.gradient_checkpointing_disable() to let "
+                    "the runtime decide.", self.policy_name)
 
     # -- used by ForwardPass -------------------------------------------------------------------
     def _note_backward(self, stats: StepStats) -> None:

@@ -27,6 +27,7 @@ from scheduler.profile import TensorRecord
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame
+from .selective import OpStore, SaveOps
 
 if TYPE_CHECKING:
     from .checkpointer import HybridCheckpointer
@@ -47,6 +48,7 @@ class Segment:
     site: RegionSite | None = None
     frame: RecomputeFrame | None = None
     copies: list = field(default_factory=list)  # weakrefs to HostCopy, in pack order
+    mode: SaveOps | None = None  # selective recompute's dispatch mode while the region runs
     forward_start: object = None  # backend marks
     forward_end: object = None
     backward_start: object = None
@@ -127,6 +129,12 @@ class ForwardPass:
                 seg.name, region.module.forward, args, kwargs, self.device,
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.hc._replay_guard,
                 on_replay=self.stats.add_replay, mark=self.backend.mark)
+            if self.hc.op_policy is not None:
+                seg.frame.store = OpStore()
+                seg.mode = SaveOps(self.hc.op_policy, seg.frame.store,
+                                   offload=lambda t, _s=seg: self._offload_output(t, _s),
+                                   keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"))
+                seg.mode.__enter__()
 
     def exit_region(self, region: "Region", output) -> None:
         if self.hc._replay_guard.depth:
@@ -135,6 +143,9 @@ class ForwardPass:
         if self.depth > 0:
             return
         seg = self.segments[-1]
+        if seg.mode is not None:
+            seg.mode.__exit__(None, None, None)
+            seg.mode = None
         seg.frame = None  # the frame now lives as long as its slots
         self.region_calls += 1
         if output is not None:
@@ -171,6 +182,8 @@ class ForwardPass:
             return seg.frame.add_slot(t)
         copy = self.hc._copies.get((key, t._version))
         if copy is not None:  # Rule 4: a storage moved once is not also held on the device
+            if not seg.copies or seg.copies[-1]() is not copy:
+                seg.copies.append(weakref.ref(copy))  # prefetch it for its latest saver too
             return OffloadHandle(copy, t, seg.name)
         if first and not param and self._wants_offload(k, t, seg):  # the first save decides
             handle = self._offload(t, seg, key)
@@ -196,6 +209,16 @@ class ForwardPass:
                 return handle
         self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name)
+
+    def _offload_output(self, t: torch.Tensor, seg: Segment) -> OffloadHandle | None:
+        """An op output the selective policy offloads (None: keep it, too small or pool full)."""
+        key = storage_key(t)
+        copy = self.hc._copies.get((key, t._version))
+        if copy is not None:
+            return OffloadHandle(copy, t, seg.name)
+        if self._is_param(t, key) or not self._offloadable(t):
+            return None
+        return self._offload(t, seg, key)
 
     def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
         policy = self.hc._policy

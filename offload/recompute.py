@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import OffloadError
 from .handles import SlotHandle
 from .ranges import op_range
+from .selective import ReplayOps
 
 
 class _StopReplay(Exception):
@@ -76,6 +77,7 @@ class RecomputeFrame:
         self.default_device = torch.get_default_device()
         self.meta: list[tuple[torch.Size, torch.dtype]] = []  # per saved tensor, in pack order
         self.slots: list[weakref.ref | None] = []  # None where the tensor was kept (parameters)
+        self.store = None  # an OpStore when selective recompute saved some op outputs
         self._lock = threading.Lock()
         self._cursor = 0
         self._stop_at = -1
@@ -143,6 +145,8 @@ class RecomputeFrame:
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(self.guard.active())
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _never_unpacked))
+                if self.store is not None:
+                    stack.enter_context(ReplayOps(self.store))
                 yield
         finally:
             torch.set_rng_state(cpu_rng)

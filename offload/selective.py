@@ -1,0 +1,129 @@
+"""Selective recompute: inside a recomputed region, save the outputs of expensive ops (matmuls,
+attention) and replay only the cheap ones, as PyTorch's `CheckpointPolicy` functions say.
+
+The user's policy function has PyTorch's signature, `fn(ctx, op, *args, **kwargs) ->
+CheckpointPolicy` (or a bool: True = save). During the region's forward a dispatch mode asks it
+about every op: MUST_SAVE / PREFER_SAVE keep the op's outputs on the device; MUST_CPU_OFFLOAD /
+PREFER_CPU_OFFLOAD offload them through our host pool (PyTorch honours these only under
+torch.compile; we do in eager mode); the RECOMPUTE policies store nothing. During the replay a
+second dispatch mode hands the stored outputs back instead of running those ops again.
+
+Autograd sits above both modes, so the region still saves the same tensors in the same order and
+the replay still matches them by position (Rule 7). A stored output that was modified in place
+after it was stored is not trusted: that op runs again in the replay instead.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
+
+OpPolicy = Callable[..., Any]
+
+_SAVE = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
+_OFFLOAD = (CheckpointPolicy.MUST_CPU_OFFLOAD, CheckpointPolicy.PREFER_CPU_OFFLOAD)
+_IGNORED = {torch.ops.aten.detach.default, torch.ops.aten.alias.default,
+            torch.ops.aten.lift_fresh.default}
+
+
+def _returns_alias(func) -> bool:
+    return any(r.alias_info is not None for r in func._schema.returns)
+
+
+class _Kept:
+    """A stored output kept on the device, with the version it had when stored."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor):
+        self.tensor = t
+        self.version = t._version
+
+    def get(self) -> torch.Tensor | None:
+        return self.tensor if self.tensor._version == self.version else None
+
+
+class _Moved:
+    """A stored output offloaded through the pool (an OffloadHandle)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def get(self) -> torch.Tensor | None:
+        live = self.handle.ref()
+        if live is not None and live._version != self.handle.version:
+            return None
+        return self.handle.unpack()
+
+
+class OpStore:
+    """The outputs one recomputed region call stored, keyed by (op, n-th call of that op)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Any, int], Any] = {}
+
+
+class SaveOps(TorchDispatchMode):
+    """Forward of a recomputed region: run every op, store the outputs the policy saves."""
+
+    def __init__(self, policy: OpPolicy, store: OpStore, offload: Callable[[torch.Tensor], Any],
+                 keep: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.policy, self.store, self.offload, self.keep = policy, store, offload, keep
+        self.calls: dict[Any, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _IGNORED or _returns_alias(func):
+            return out
+        n = self.calls[func]
+        self.calls[func] += 1
+        decision = self.policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs)
+        if isinstance(decision, bool):
+            decision = CheckpointPolicy.MUST_SAVE if decision else CheckpointPolicy.PREFER_RECOMPUTE
+        if decision in _SAVE:
+            self.store.entries[(func, n)] = tree_map(self._kept, out)
+        elif decision in _OFFLOAD:
+            self.store.entries[(func, n)] = tree_map(self._moved, out)
+        return out
+
+    def _kept(self, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        self.keep(x)
+        return _Kept(x.detach())
+
+    def _moved(self, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        handle = self.offload(x)
+        return _Moved(handle) if handle is not None else self._kept(x)
+
+
+class ReplayOps(TorchDispatchMode):
+    """Replay of a recomputed region: stored outputs come back instead of running their ops."""
+
+    def __init__(self, store: OpStore):
+        super().__init__()
+        self.store = store
+        self.calls: dict[Any, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _IGNORED or _returns_alias(func):
+            return func(*args, **kwargs)
+        n = self.calls[func]
+        self.calls[func] += 1
+        entry = self.store.entries.get((func, n))
+        if entry is not None:
+            values = tree_map(lambda e: e.get() if isinstance(e, (_Kept, _Moved)) else e, entry)
+            if all(v is not None for v in torch.utils._pytree.tree_leaves(values)):
+                return values
+        return func(*args, **kwargs)
