@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .transfer import CopyEvent, CopyRecord, TransferBackend
+from .transfer import CopyEvent, CopyRecord, TransferBackend, copy_chunks
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,7 @@ class CudaBackend(TransferBackend):
         with torch.cuda.stream(stream):
             start.record(stream)
             self._spin("d2h")
-            off = 0
-            for d in dsts:
-                n = d.numel()
-                d.copy_(src[off:off + n], non_blocking=True)
-                off += n
+            copy_chunks(src, dsts, to_chunks=True, non_blocking=True)
             end.record(stream)
         self.order.append(("d2h", label))
         return CudaEvent(stream, start, end, CopyRecord("d2h", src.numel(), label))
@@ -104,11 +100,7 @@ class CudaBackend(TransferBackend):
         with torch.cuda.stream(stream):
             start.record(stream)
             self._spin("h2d")
-            off = 0
-            for s in srcs:
-                n = s.numel()
-                dst[off:off + n].copy_(s, non_blocking=True)
-                off += n
+            copy_chunks(dst, srcs, to_chunks=False, non_blocking=True)
             end.record(stream)
         dst.record_stream(stream)
         self.order.append(("h2d", label))

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .transfer import CopyEvent, CopyRecord, TransferBackend
+from .transfer import CopyEvent, CopyRecord, TransferBackend, copy_chunks
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ class EmulatedBackend(TransferBackend):
         def copy(ev: EmulatedEvent) -> None:
             s, ds = box
             box.clear()
-            off = 0
-            for d in ds:
-                n = d.numel()
-                d.copy_(s[off:off + n])
-                off += n
+            copy_chunks(s, ds, to_chunks=True)
 
         return self._submit("d2h", src.numel(), label, spans, copy, after=None)
 
@@ -105,11 +101,7 @@ class EmulatedBackend(TransferBackend):
         def copy(ev: EmulatedEvent) -> None:
             d, ss = box
             box.clear()
-            off = 0
-            for s in ss:
-                n = s.numel()
-                d[off:off + n].copy_(s)
-                off += n
+            copy_chunks(d, ss, to_chunks=False)
 
         return dst, self._submit("h2d", nbytes, label, spans, copy, after=after)
 

@@ -36,6 +36,21 @@ class CopyRecord:
     issued_s: float = field(default_factory=time.perf_counter)  # host time the copy was queued
 
 
+def copy_chunks(flat: torch.Tensor, chunks: Sequence[torch.Tensor], *, to_chunks: bool,
+                non_blocking: bool = False) -> None:
+    """Copy between one flat uint8 buffer and host blocks holding consecutive pieces of it:
+    `flat` -> `chunks` (D2H) when `to_chunks`, else `chunks` -> `flat` (H2D)."""
+    off = 0
+    for c in chunks:
+        n = c.numel()
+        piece = flat[off:off + n]
+        if to_chunks:
+            c.copy_(piece, non_blocking=non_blocking)
+        else:
+            piece.copy_(c, non_blocking=non_blocking)
+        off += n
+
+
 class CopyEvent(abc.ABC):
     """Completion of one copy on a side stream."""
 
