@@ -16,6 +16,7 @@ from .checkpointer import HybridCheckpointer
 from .emulated import EmulatedBackend
 from .errors import OffloadError
 from .hostpool import HostPool
+from .monitor import Monitor
 from .peakmem import PeakMemory
 from .policy import RegionSite, TensorSite
 from .report import Report
@@ -27,7 +28,7 @@ __all__ = [
     # the runtime
     "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError",
     # what it reports
-    "Report", "PeakMemory",
+    "Report", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups
     "TransferBackend", "EmulatedBackend", "HostPool",
 ]

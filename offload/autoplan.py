@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _PROFILING = SegmentPlan(Action.RECOMPUTE)
 WARMUP_FORWARDS = 1  # profiling forwards per signature that are not measured
+MAX_SIGNATURES = 16  # plans kept; each new input shape costs two profiling steps
 
 
 RESERVE_SHARE = 0.5
@@ -108,14 +109,21 @@ class AutoPolicy(Policy):
         hc = self.hc
         hc.backend.settle()
         link = measure_link(hc.backend, hc.host_pool)
+        if hc._derive_threshold:  # Rule 6: the byte threshold comes from the measured link
+            hc.min_offload_bytes = link.min_offload_bytes()
         profile = build_profile(forward, timeline.resolve(hc.backend), link, signature)
         budget = hc.device_budget if hc.device_budget is not None else hc._default_device_budget()
         reserve = min(backward_reserve(profile), budget // 2)
         plan = make_plan(profile, budget - reserve, hc.host_budget, keep_last=hc.keep_last)
         for note in plan.notes:
             log.info("auto plan: %s", note)
+        if len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
+            oldest = next(iter(self.plans))
+            for table in (self.plans, self.profiles, self.reserves, self._warm):
+                table.pop(oldest, None)
         self.profiles[signature] = profile
         self.plans[signature] = plan
+        hc.host_pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
         self.reserves[signature] = reserve
         log.info("auto plan for %s: %s; predicted step %.2f ms, peak %.1f MiB (budget %.1f MiB, "
                  "%.1f MiB of it reserved for backward)", signature or "(no inputs)", _mix(plan),

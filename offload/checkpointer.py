@@ -1,6 +1,7 @@
 """`HybridCheckpointer`: the public entry point. `with hc:` wraps one forward pass."""
 from __future__ import annotations
 
+import collections
 import logging
 import weakref
 from typing import TYPE_CHECKING, Callable, Sequence, Union
@@ -98,6 +99,7 @@ class HybridCheckpointer:
             self.host_budget = int(_host_available() * HOST_SHARE / local_world_size())
         self.min_offload_bytes = (self._backend.default_min_offload_bytes if min_offload_bytes is None
                                   else min_offload_bytes)
+        self._derive_threshold = min_offload_bytes is None
         self.keep_last = keep_last
         self._lookahead_override = lookahead
         self._pool = HostPool(self._backend, self.host_budget, slab_bytes)
@@ -106,11 +108,13 @@ class HybridCheckpointer:
         self._replay_guard = ReplayGuard()
         self._copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Rule 4
         self._expected_calls = 0
+        self._unsettled: collections.deque = collections.deque()  # weakrefs to HostCopy, D2H order
         self._active: ForwardPass | None = None
         self._stats = StepStats(step=0)
         self._backward_seen = False
         self._history: list[StepStats] = []
         self._warned_hf = False
+        self._warned_cache = False
         if not isinstance(monitor, bool) and not hasattr(monitor, "samples"):
             raise TypeError(f"HybridCheckpointer(monitor={monitor!r}): expected an offload.Monitor or a bool")
         self.monitor = monitor if not isinstance(monitor, bool) else None
@@ -183,7 +187,7 @@ class HybridCheckpointer:
         finally:
             self._region_hooks.remove()
             self._active = None
-            fp.close()
+            fp.close(failed=exc_type is not None)
             self._stats.forwards += 1
             self._policy.end_forward(fp, failed=exc_type is not None)
 
@@ -191,7 +195,7 @@ class HybridCheckpointer:
         """Hugging Face's own gradient checkpointing recomputes every layer with
         torch.utils.checkpoint; its hooks sit inside ours, so the layers' tensors never reach us.
         Gradients stay correct, but our policy then decides nothing inside the layers: say so."""
-        if self._warned_hf or not getattr(self.model, "is_gradient_checkpointing", False):
+        if self._warned_hf or not _hf_checkpointing(self.model):
             return
         self._warned_hf = True
         log.warning("HybridCheckpointer: the model has Hugging Face gradient_checkpointing enabled; it "
@@ -215,6 +219,22 @@ class HybridCheckpointer:
             torch.autograd.Variable._execution_engine.queue_callback(close)
         except RuntimeError:  # not inside a backward pass (e.g. a read of grad_fn._saved_*)
             timeline.backward.remove(entry)
+
+    def _settle_copies(self) -> None:
+        """Let host copies whose D2H finished drop their version alias (D2H completes in order)."""
+        queue = self._unsettled
+        while queue:
+            try:
+                ref = queue[0]
+            except IndexError:  # emptied by another thread
+                return
+            copy = ref()
+            if copy is not None and not copy.settle():
+                return
+            try:
+                queue.remove(ref)
+            except ValueError:
+                pass
 
     def _lookahead_segments(self) -> int:
         if self._lookahead_override is not None:
@@ -263,6 +283,17 @@ class HybridCheckpointer:
     def __repr__(self) -> str:
         return (f"HybridCheckpointer(policy={self.policy_name!r}, regions={len(self.regions)}, "
                 f"backend={self._backend.name}, host_budget={self.host_budget})")
+
+
+def _hf_checkpointing(model: nn.Module | None) -> bool:
+    """Whether a (possibly DDP-wrapped) Hugging Face model has its own checkpointing on."""
+    inner = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if inner is None:
+        return False
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, 4
+        if isinstance(getattr(type(inner), name, None), property):
+            return bool(getattr(inner, name))
+    return False
 
 
 def _model_device(model: nn.Module | None, regions: list[Region]) -> torch.device | None:

@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 class CudaEvent(CopyEvent):
     """A copy on a CUDA side stream: its end event, timing events, and the stream it ran on."""
 
-    __slots__ = ("end", "start", "stream", "record")
+    __slots__ = ("end", "start", "stream", "record", "compute")
 
     def __init__(self, stream: torch.cuda.Stream, start: torch.cuda.Event, end: torch.cuda.Event,
-                 record: CopyRecord):
+                 record: CopyRecord, compute: torch.cuda.Stream | None = None):
         self.stream = stream
+        self.compute = compute  # the stream a reload's destination was allocated on
         self.start = start
         self.end = end
         self.record = record
@@ -104,17 +105,19 @@ class CudaBackend(TransferBackend):
             end.record(stream)
         dst.record_stream(stream)
         self.order.append(("h2d", label))
-        return dst, CudaEvent(stream, start, end, CopyRecord("h2d", nbytes, label))
+        return dst, CudaEvent(stream, start, end, CopyRecord("h2d", nbytes, label), compute)
 
     def _spin(self, direction: str) -> None:
         if self._delay_cycles[direction]:
             torch.cuda._sleep(self._delay_cycles[direction])
 
-    def wait(self, event: CopyEvent) -> torch.cuda.Event:
+    def wait(self, event: CopyEvent, buf: torch.Tensor | None = None) -> torch.cuda.Event:
         compute = torch.cuda.current_stream(self.device)
         reached = torch.cuda.Event(enable_timing=True)
         reached.record(compute)
         compute.wait_event(event.end)  # this tensor's reload only, not the whole H2D stream
+        if buf is not None and event.compute is not None and compute != event.compute:
+            buf.record_stream(compute)  # used on a stream other than the one it was allocated on
         return reached
 
     def query(self, event: CopyEvent) -> bool:

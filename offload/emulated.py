@@ -143,7 +143,7 @@ class EmulatedBackend(TransferBackend):
         return ex
 
     # -- events ---------------------------------------------------------------------------------
-    def wait(self, event: CopyEvent) -> float:
+    def wait(self, event: CopyEvent, buf: torch.Tensor | None = None) -> float:
         reached = time.perf_counter()
         event.future.result()  # the compute thread blocks: that is the emulated stall
         self.poll()

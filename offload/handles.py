@@ -45,7 +45,10 @@ class KeepHandle:
     __slots__ = ("tensor", "version", "where")
 
     def __init__(self, tensor: torch.Tensor, where: str):
-        self.tensor = tensor
+        # Detached: same storage and version counter, but no reference to its grad_fn. A tensor
+        # saved by the op that produced it would otherwise hold its own node through the handle,
+        # a cycle through C++ that gc cannot see, and a graph never backpropagated would leak.
+        self.tensor = tensor.detach()
         self.version = tensor._version
         self.where = where
 
@@ -60,44 +63,76 @@ class HostCopy:
     Shared by every handle that saved a view of the storage. Holds the D2H event, and once
     reloaded, the device copy and its H2D event. Returns its blocks to the pool when the last
     handle sharing it dies.
+
+    Rule 5 across the copy: until the D2H has finished, a detached alias of the tensor (same
+    version counter, no extra memory: the source cannot be reused before the copy anyway) tells
+    whether an in-place op ran before the copy read the data; `settle()` records the version the
+    copy saw and lets the alias go.
     """
 
-    __slots__ = ("pool", "backend", "blocks", "nbytes", "d2h_event", "h2d_event", "device_bytes",
-                 "stats", "label", "_lock", "__weakref__")
+    __slots__ = ("pool", "backend", "blocks", "nbytes", "version", "d2h_event", "h2d_event", "device_bytes",
+                 "copied_version", "stats", "label", "_alias", "_lock", "__weakref__")
 
     def __init__(self, pool: "HostPool", backend: "TransferBackend", blocks: list["Block"],
-                 src: torch.Tensor, stats: "StepStats", label: str):
+                 tensor: torch.Tensor, src: torch.Tensor, stats: "StepStats", label: str):
+        # Set first: if anything below raises, __del__ still returns the blocks (Rule 9).
         self.pool = pool
-        self.backend = backend
         self.blocks = blocks
+        self.d2h_event: CopyEvent | None = None
+        self.h2d_event: CopyEvent | None = None
+        self.backend = backend
         self.nbytes = src.numel()
+        self.version = tensor._version
+        self.copied_version: int | None = None
         self.stats = stats
         self.label = label
         self._lock = threading.Lock()
-        self.h2d_event: CopyEvent | None = None
         self.device_bytes: torch.Tensor | None = None
+        self._alias: torch.Tensor | None = tensor.detach()
         with op_range("offload::d2h", src.is_cuda):
             self.d2h_event = backend.d2h(src, [b.view for b in blocks], label=label)
         stats.add_copy(self.d2h_event)
         backend.release(src, after=self.d2h_event)  # Rule 2: no reuse of the source before the copy
 
-    def reload(self, prefetch: bool) -> None:
+    def settle(self) -> bool:
+        """True once the D2H has finished (recording the version it copied)."""
+        with self._lock:
+            if self._alias is None:
+                return True
+            if not self.backend.query(self.d2h_event):
+                return False
+            self.copied_version = self._alias._version
+            self._alias = None
+            return True
+
+    def check_unchanged(self, live: torch.Tensor | None, version: int, where: str) -> None:
+        """Rule 5: raise if the storage was modified in place after it was saved."""
+        check_version(live, version, where)
+        with self._lock:
+            alias, copied = self._alias, self.copied_version
+        check_version(alias, version, where)
+        if alias is None and copied is not None and copied != version:
+            raise OffloadError(
+                f"offload: a tensor saved in {where} was modified in place before its copy to host "
+                f"finished (version {version} at save, {copied} when copied). Backward would use the "
+                f"wrong values. Clone it before modifying it, or use the out-of-place op.")
+
+    def reload(self, prefetch: bool) -> tuple[torch.Tensor, "CopyEvent"]:
         """Issue the H2D copy unless it was issued already (idempotent, thread-safe)."""
         with self._lock:
-            if self.device_bytes is not None:
-                return
-            with op_range("offload::h2d", self.backend.device.type == "cuda"):
-                self.device_bytes, self.h2d_event = self.backend.h2d(
-                    [b.view for b in self.blocks], self.nbytes, after=self.d2h_event, label=self.label)
-        self.stats.add_reload(self.h2d_event, prefetch=prefetch)
+            if self.device_bytes is None:
+                with op_range("offload::h2d", self.backend.device.type == "cuda"):
+                    self.device_bytes, self.h2d_event = self.backend.h2d(
+                        [b.view for b in self.blocks], self.nbytes, after=self.d2h_event, label=self.label)
+                self.stats.add_reload(self.h2d_event, prefetch=prefetch)
+            return self.device_bytes, self.h2d_event
 
     def materialize(self) -> torch.Tensor:
         """The device copy, reloaded on demand if no prefetch asked for it; the compute stream
         waits only on this copy's event."""
-        if self.device_bytes is None:
-            self.reload(prefetch=False)
-        self.stats.add_wait(self.backend.wait(self.h2d_event), self.h2d_event)
-        return self.device_bytes
+        data, event = self.reload(prefetch=False)
+        self.stats.add_wait(self.backend.wait(event, data), event)
+        return data
 
     def __del__(self) -> None:
         try:
@@ -123,7 +158,7 @@ class OffloadHandle:
         self.device = t.device
 
     def unpack(self) -> torch.Tensor:
-        check_version(self.ref(), self.version, self.where)
+        self.copy.check_unchanged(self.ref(), self.version, self.where)
         data = self.copy.materialize()
         out = torch.empty(0, dtype=self.dtype, device=self.device)
         return out.set_(data.untyped_storage(), self.offset, self.size, self.stride)

@@ -26,7 +26,7 @@ from scheduler.profile import TensorRecord
 
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
-from .recompute import RecomputeFrame
+from .recompute import RecomputeFrame, is_kv_cache
 from .selective import OpStore, SaveOps
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class ForwardPass:
         self._calls_of: dict[int, int] = {}  # id(region module) -> calls so far
         self.records: list[TensorRecord] = []
         self.input_bytes: dict[int, int] = {}  # region segment -> bytes of its tensor inputs
+        self.lookahead = 0  # segments ahead for prefetch, fixed when the forward closes
 
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
@@ -121,8 +122,14 @@ class ForwardPass:
         seg.forward_start = self.backend.mark()
         self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
-        inputs = {storage_key(x): x.untyped_storage().nbytes()
-                  for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not self.hc._warned_cache and any(is_kv_cache(x) for x in leaves):
+            self.hc._warned_cache = True
+            log.warning("HybridCheckpointer: %s was called with a KV cache during training "
+                        "(Hugging Face use_cache=True): the cache keeps every layer's keys and values "
+                        "alive until the step ends. Pass use_cache=False when training; recompute "
+                        "replays the layer without the cache.", region.name)
+        inputs = {storage_key(x): x.untyped_storage().nbytes() for x in leaves if isinstance(x, torch.Tensor)}
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
@@ -154,10 +161,21 @@ class ForwardPass:
                 fn.register_prehook(self._backward_hook(seg.index))
         self._open_gap()
 
-    def close(self) -> None:
-        """End of forward: keep what backward needs (segments), drop the per-forward maps."""
+    def close(self, failed: bool) -> None:
+        """End of forward: keep what backward needs (segments), drop the per-forward maps.
+
+        Rule 9: after a KeyboardInterrupt, nn.Module skips the always_call hooks, so a region's
+        dispatch mode may still be on the stack: take it off here, innermost first."""
+        for seg in reversed(self.segments):
+            if seg.mode is not None:
+                seg.mode.__exit__(None, None, None)
+                seg.mode = None
+        self.depth = 0
         self._current().forward_end = self.backend.mark()
-        self.hc._expected_calls = self.region_calls
+        if not failed:  # a forward cut short must not shrink the next one's idea of the tail
+            self.hc._expected_calls = self.region_calls
+        self.lookahead = self.hc._lookahead_segments()  # Rule 8: this forward's, not the latest
+        self.hc._settle_copies()
         self._seen.clear()
         self._counted.clear()
         for seg in self.segments:
@@ -168,6 +186,7 @@ class ForwardPass:
     # -- pack --------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
         self.backend.poll()
+        self.hc._settle_copies()
         k = self.pack_index
         self.pack_index += 1
         seg = self._current()
@@ -177,6 +196,7 @@ class ForwardPass:
         if seg.frame is not None:
             if param:
                 seg.frame.add_kept(t)
+                self._count(key, t, seg, None)
                 return KeepHandle(t, seg.name)
             self._count(key, t, seg, "recomputed")
             return seg.frame.add_slot(t)
@@ -235,11 +255,16 @@ class ForwardPass:
         if blocks is None:  # Rule 3: the pool is full; keep it and say so
             self.stats.add_fallback(nbytes)
             return None
-        src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-        copy = HostCopy(self.hc._pool, self.backend, blocks, src, self.stats,
+        try:
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        except BaseException:  # Rule 9: the blocks go back (past this point HostCopy owns them)
+            self.hc._pool.free(blocks, after=[])
+            raise
+        copy = HostCopy(self.hc._pool, self.backend, blocks, t, src, self.stats,
                         label=f"{seg.name}:{self.pack_index - 1}")
         del src
         self.hc._copies[(key, t._version)] = copy  # Rule 4: keyed on the storage, never a pointer
+        self.hc._unsettled.append(weakref.ref(copy))
         seg.copies.append(weakref.ref(copy))
         self._count(key, t, seg, "offloaded")
         return OffloadHandle(copy, t, seg.name)
@@ -247,8 +272,8 @@ class ForwardPass:
     # -- filters (Rule 6) --------------------------------------------------------------------------
     def _is_param(self, t: torch.Tensor, key: StorageWeakRef) -> bool:
         base = t._base if t._is_view() and t._base is not None else t
-        if base.is_leaf and base.requires_grad:
-            return True
+        if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
+            return True  # frozen parameters too: moving them frees nothing
         return key in self.param_storages
 
     def _offloadable(self, t: torch.Tensor) -> bool:
@@ -296,7 +321,8 @@ class ForwardPass:
         self.hc._note_backward(self.stats)
         seg = self.segments[seg_index]
         self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
-        d = self.hc._lookahead_segments()
+        self.hc._settle_copies()
+        d = self.lookahead
         if d <= 0:
             return
         for s in range(seg_index, max(0, seg_index - d) - 1, -1):

@@ -78,8 +78,9 @@ class HostPool:
         need = _aligned(nbytes)
         with self._lock:
             self._reclaim(block=False)
-            if self._free_bytes() + self._growable() < need and self._pending:
-                self._reclaim(block=True)  # blocks still being reloaded: wait for their copies
+            short = self._free_bytes() + self._growable() < need
+            if short and self._free_bytes() + self._growable() + self._pending_bytes() >= need:
+                self._reclaim(block=True)  # only when waiting for running copies can cover it
             if self._free_bytes() + self._growable() < need:
                 return None
             while self._free_bytes() < need:
@@ -99,9 +100,13 @@ class HostPool:
             self._pending.append((list(blocks), [e for e in after if e is not None]))
 
     # -- internals (hold the lock) ------------------------------------------------------------
+    def _pending_bytes(self) -> int:
+        return sum(b.nbytes for blocks, _ in self._pending for b in blocks)
+
     def _reclaim(self, block: bool) -> None:
         keep = []
-        for blocks, events in self._pending:
+        pending, self._pending = self._pending, []  # a free() from a finalizer may append meanwhile
+        for blocks, events in pending:
             if block:
                 for e in events:
                     self.backend.synchronize(e)
@@ -110,7 +115,7 @@ class HostPool:
                     self._insert_free(b.slab, b.start, b.nbytes)
             else:
                 keep.append((blocks, events))
-        self._pending = keep
+        self._pending.extend(keep)
 
     def _free_bytes(self) -> int:
         return sum(size for ranges in self._free for _, size in ranges)

@@ -44,6 +44,12 @@ class ReplayGuard(threading.local):
             self.depth -= 1
 
 
+def is_kv_cache(x) -> bool:
+    """A Hugging Face `Cache` (DynamicCache and friends), recognised without importing transformers."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(x).__mro__)
+
+
 def _device_module(device: torch.device):
     if device.type == "cpu":
         return None
@@ -66,8 +72,10 @@ class RecomputeFrame:
         self.on_replay = on_replay
         self.mark = mark
         flat, self.spec = tree_flatten((args, kwargs))
-        self.inputs = [(pack_input(x), x.requires_grad) if isinstance(x, torch.Tensor) else (None, x)
-                       for x in flat]
+        # A KV cache (Hugging Face) is replayed as None: the replay must not append to it again,
+        # and in training there is no past, so attention sees the same keys either way.
+        self.inputs = [(pack_input(x), x.requires_grad) if isinstance(x, torch.Tensor)
+                       else (None, None if is_kv_cache(x) else x) for x in flat]
         self.cpu_rng = torch.get_rng_state()
         mod = _device_module(device)
         self.device_rng = mod.get_rng_state(device) if mod is not None else None

@@ -200,13 +200,21 @@ def _num_ms(s: float | None) -> str:
 
 
 def _param_and_grad_bytes(model) -> tuple[int | None, int | None]:
+    """Bytes of this rank's parameters and gradients (local shards under FSDP), each storage once."""
     if model is None:
         return None, None
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t  # DTensor: this rank's shard
+
     params, grads = {}, {}
     for p in model.parameters():
-        params[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+        t = local(p)
+        params[StorageWeakRef(t.untyped_storage())] = t.untyped_storage().nbytes()
         if p.grad is not None:
-            grads[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
+            g = local(p.grad)
+            grads[StorageWeakRef(g.untyped_storage())] = g.untyped_storage().nbytes()
     return sum(params.values()), sum(grads.values())
 
 

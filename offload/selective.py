@@ -10,7 +10,8 @@ second dispatch mode hands the stored outputs back instead of running those ops 
 
 Autograd sits above both modes, so the region still saves the same tensors in the same order and
 the replay still matches them by position (Rule 7). A stored output that was modified in place
-after it was stored is not trusted: that op runs again in the replay instead.
+after it was stored is not trusted: that op runs again in the replay instead. Random ops are
+never stored: skipping one in the replay would skip its RNG draw and shift every later one.
 """
 from __future__ import annotations
 
@@ -25,13 +26,28 @@ from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 OpPolicy = Callable[..., Any]
 
 _SAVE = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
-_OFFLOAD = (CheckpointPolicy.MUST_CPU_OFFLOAD, CheckpointPolicy.PREFER_CPU_OFFLOAD)
+_OFFLOAD = tuple(p for p in (getattr(CheckpointPolicy, "MUST_CPU_OFFLOAD", None),
+                             getattr(CheckpointPolicy, "PREFER_CPU_OFFLOAD", None)) if p is not None)
+try:  # torch >= 2.13 passes the op's output to the policy
+    SelectiveCheckpointContext(is_recompute=False, op_output=None)
+    _CTX_OUTPUT = True
+except TypeError:
+    _CTX_OUTPUT = False
+
+
+def _context(out) -> SelectiveCheckpointContext:
+    if _CTX_OUTPUT:
+        return SelectiveCheckpointContext(is_recompute=False, op_output=out)
+    return SelectiveCheckpointContext(is_recompute=False)
+
+
+def _stored_ok(func) -> bool:
+    """Ops whose outputs may be stored: not views (free to redo) and not random (a stored random
+    op would skip its RNG draw in the replay and shift every later draw)."""
+    return (func not in _IGNORED and not any(r.alias_info is not None for r in func._schema.returns)
+            and torch.Tag.nondeterministic_seeded not in func.tags)
 _IGNORED = {torch.ops.aten.detach.default, torch.ops.aten.alias.default,
             torch.ops.aten.lift_fresh.default}
-
-
-def _returns_alias(func) -> bool:
-    return any(r.alias_info is not None for r in func._schema.returns)
 
 
 class _Kept:
@@ -81,11 +97,11 @@ class SaveOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _IGNORED or _returns_alias(func):
+        if not _stored_ok(func):
             return out
         n = self.calls[func]
         self.calls[func] += 1
-        decision = self.policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs)
+        decision = self.policy(_context(out), func, *args, **kwargs)
         if isinstance(decision, bool):
             decision = CheckpointPolicy.MUST_SAVE if decision else CheckpointPolicy.PREFER_RECOMPUTE
         if decision in _SAVE:
@@ -117,7 +133,7 @@ class ReplayOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _IGNORED or _returns_alias(func):
+        if not _stored_ok(func):
             return func(*args, **kwargs)
         n = self.calls[func]
         self.calls[func] += 1

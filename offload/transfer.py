@@ -79,9 +79,9 @@ class TransferBackend(abc.ABC):
         """Allocate `nbytes` on the device and copy the host blocks `srcs` into it after `after`."""
 
     @abc.abstractmethod
-    def wait(self, event: CopyEvent) -> object:
-        """Make the compute stream wait for `event`; return a mark of when compute reached the
-        wait (the stall is then max(0, end of the copy - that mark))."""
+    def wait(self, event: CopyEvent, buf: torch.Tensor | None = None) -> object:
+        """Make the compute stream wait for `event` before `buf` (the reloaded buffer) is used;
+        return a mark of when compute reached the wait (the stall is max(0, copy end - mark))."""
 
     @abc.abstractmethod
     def query(self, event: CopyEvent) -> bool:
