@@ -61,9 +61,14 @@ class AutoPolicy(Policy):
         self._signature = ""
         self._plan: Plan | None = None  # the plan this forward runs; None while profiling
         self._decided = False
+        self._link = None  # the host link, measured before the first forward
 
     # -- per forward ---------------------------------------------------------------------------
     def begin_forward(self, forward: "ForwardPass") -> None:
+        if self._link is None:  # before the first profile, so its filters use the final threshold
+            self._link = measure_link(self.hc.backend, self.hc.host_pool, device_budget=self.hc.device_budget)
+            if self.hc._derive_threshold:  # Rule 6: the byte threshold comes from the measured link
+                self.hc.min_offload_bytes = self._link.min_offload_bytes()
         self._finish_pending()
         self._signature = ""
         self._plan = None
@@ -108,15 +113,12 @@ class AutoPolicy(Policy):
         self._pending = None
         hc = self.hc
         hc.backend.settle()
-        link = measure_link(hc.backend, hc.host_pool)
-        if hc._derive_threshold:  # Rule 6: the byte threshold comes from the measured link
-            hc.min_offload_bytes = link.min_offload_bytes()
-        profile = build_profile(forward, timeline.resolve(hc.backend), link, signature)
+        profile = build_profile(forward, timeline.resolve(hc.backend), self._link, signature)
         budget = hc.device_budget if hc.device_budget is not None else hc._default_device_budget()
         reserve = min(backward_reserve(profile), budget // 2)
         plan = make_plan(profile, budget - reserve, hc.host_budget, keep_last=hc.keep_last)
         for note in plan.notes:
-            log.info("auto plan: %s", note)
+            (log.warning if "infeasible" in note else log.info)("auto plan: %s", note)
         if len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
             oldest = next(iter(self.plans))
             for table in (self.plans, self.profiles, self.reserves, self._warm):

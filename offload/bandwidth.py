@@ -15,7 +15,7 @@ from .transfer import TransferBackend
 
 log = logging.getLogger(__name__)
 
-PROBE_BYTES = 32 << 20
+PROBE_BYTES = 8 << 20  # enough to reach full link speed; small next to any activation budget
 SMALL_BYTES = 4 << 10
 
 
@@ -36,13 +36,17 @@ class Link:
 UNMEASURED = Link(d2h_bytes_per_s=1e9, h2d_bytes_per_s=1e9, latency_s=10e-6)  # placeholder, nothing moves
 
 
-def measure_link(backend: TransferBackend, pool: HostPool, nbytes: int = PROBE_BYTES, repeats: int = 3) -> Link:
+def measure_link(backend: TransferBackend, pool: HostPool, nbytes: int = PROBE_BYTES, repeats: int = 3,
+                 device_budget: int | None = None) -> Link:
     """Time `repeats` copies of `nbytes` each way through `pool`; the best run of each counts.
-    Cached on the backend: later calls return the first measurement."""
+    The probe holds two device buffers of `nbytes` at once, so it is capped at 1/16 of
+    `device_budget`. Cached on the backend: later calls return the first measurement."""
     cached = getattr(backend, "measured_link", None)
     if cached is not None:
         return cached
     nbytes = min(nbytes, max(SMALL_BYTES, pool.budget // 2))
+    if device_budget is not None:
+        nbytes = max(SMALL_BYTES, min(nbytes, device_budget // 16))
     blocks = pool.alloc(nbytes)
     if blocks is None:  # a pool too small to probe cannot offload anything either
         log.info("host link not measured: the host pool (budget %d bytes) cannot hold a probe", pool.budget)
@@ -54,6 +58,7 @@ def measure_link(backend: TransferBackend, pool: HostPool, nbytes: int = PROBE_B
         d2h = _best(backend, lambda: backend.d2h(src, views, label="probe"), repeats, events)
         first = events[0]
         h2d = _best(backend, lambda: backend.h2d(views, nbytes, after=first, label="probe")[1], repeats, events)
+        backend.poll()
         small = src[:SMALL_BYTES]
         lat = _best(backend, lambda: backend.d2h(small, [views[0][:SMALL_BYTES]], label="probe"), repeats, events)
     finally:

@@ -261,6 +261,12 @@ class HybridCheckpointer:
         return self._stats
 
     @property
+    def plan(self):
+        """The scheduler's `Plan` the last forward ran (policy="auto"); None while profiling or
+        under a fixed policy."""
+        return getattr(self._policy, "_plan", None)
+
+    @property
     def host_pool(self) -> HostPool:
         return self._pool
 

@@ -40,7 +40,7 @@ def test_half_the_keep_peak_is_respected_with_equal_gradients(keep_peak):
     model = tiny_gpt()
     hc = auto(model, budget)
     assert_bitwise(ref, train(model, hc, steps=4, batch=BATCH))  # 2 profiling steps, then the plan
-    plan = hc._policy._plan
+    plan = hc.plan
     assert plan is not None and any(s.action is not Action.KEEP for s in plan.segments)
     assert plan.predicted_peak_bytes <= budget
     peak = measured_peak(model, hc)
@@ -56,10 +56,19 @@ def test_budget_above_keep_peak_moves_nothing(keep_peak):
     model = tiny_gpt()
     hc = auto(model, 2 * keep_peak)
     train(model, hc, steps=3, batch=BATCH)
-    plan = hc._policy._plan
+    plan = hc.plan
     assert all(s.action is Action.KEEP for s in plan.segments) and not plan.offload_ids
     s = hc.stats
     assert (s.offloaded_bytes, s.recomputed_bytes, s.replays, s.d2h_bytes) == (0, 0, 0, 0)
+
+
+def test_no_step_goes_over_the_keep_peak_while_auto_measures_and_profiles(keep_peak):
+    """Link probe, warm-up, profiling and the first planned step all stay under plain's peak."""
+    model = tiny_gpt()
+    hc = auto(model, keep_peak // 2)
+    peaks = [measured_peak(model, hc) for _ in range(5)]
+    assert max(peaks) <= keep_peak, peaks
+    assert hc.plan is not None and peaks[-1] <= keep_peak // 2, peaks
 
 
 def test_new_input_shape_profiles_and_plans_again(keep_peak):
@@ -76,7 +85,7 @@ def test_no_device_budget_plans_for_free_memory():
     model = tiny_gpt()
     hc = HybridCheckpointer(model, policy="auto", host_budget="64MiB", min_offload_bytes=MIN_OFFLOAD)
     train(model, hc, steps=3, batch=2)
-    plan = hc._policy._plan
+    plan = hc.plan
     assert plan is not None and all(s.action is Action.KEEP for s in plan.segments)
 
 
