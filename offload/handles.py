@@ -165,22 +165,38 @@ class OffloadHandle:
 
 
 class SlotHandle:
-    """A tensor dropped for recompute: filled by its region's replay on first unpack."""
+    """A tensor dropped for recompute: filled by its region's replay on first unpack.
 
-    __slots__ = ("frame", "index", "value", "__weakref__")
+    Once unpacked, the handle keeps only a weak reference, so the recomputed tensor dies with
+    the node that used it (as torch.utils.checkpoint frees it) instead of when autograd releases
+    the node's saved variables. Unpack stays repeatable (Rule 1): a second unpack after the value
+    died (retain_graph=True, a second read of grad_fn._saved_*) replays the region again.
+    """
+
+    __slots__ = ("frame", "index", "value", "_used", "__weakref__")
 
     def __init__(self, frame, index: int):
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
+        self._used: weakref.ref | None = None
+
+    def current(self) -> torch.Tensor | None:
+        """The recomputed tensor if it is still alive, else None."""
+        if self.value is not None:
+            return self.value
+        return self._used() if self._used is not None else None
 
     def unpack(self) -> torch.Tensor:
-        if self.value is None:
+        value = self.current()
+        if value is None:
             self.frame.replay()
-        if self.value is None:
+            value = self.value
+        if value is None:
             raise OffloadError(f"offload: recompute of {self.frame.name} did not produce saved tensor "
                                f"#{self.index}; this is a bug in offload")
-        return self.value
+        self.value, self._used = None, weakref.ref(value)
+        return value
 
 
 def unpack_hook(handle) -> torch.Tensor:

@@ -106,7 +106,7 @@ class RecomputeFrame:
         """Run the region's forward again and fill every live, empty slot (thread-safe)."""
         with self._lock:
             needed = [i for i, ref in enumerate(self.slots)
-                      if ref is not None and (s := ref()) is not None and s.value is None]
+                      if ref is not None and (s := ref()) is not None and s.current() is None]
             if not needed:
                 return
             self._stop_at = needed[-1]
@@ -175,7 +175,7 @@ class RecomputeFrame:
                 f"The region's forward must be deterministic in what it computes.")
         ref = self.slots[i]
         slot = ref() if ref is not None else None
-        if slot is not None and slot.value is None:
+        if slot is not None and slot.current() is None:
             slot.value = t.detach()
         if i >= self._stop_at:
             raise _StopReplay

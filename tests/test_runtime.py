@@ -209,3 +209,37 @@ def test_peak_activation_memory_per_policy():
     offloaded = hc_o.stats.offloaded_bytes
     assert offloaded > 0.5 * hc_o.stats.kept_bytes
     assert offload < keep - 0.4 * offloaded, (offload, keep, offloaded)
+
+
+def test_recompute_peak_is_not_above_torch_checkpoint():
+    """Recomputed tensors die with the node that used them, as in torch.utils.checkpoint."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    class Wrapped(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=False)
+
+    def peak(model, hc):
+        idx, tgt = make_batch(TINY, 8)
+        for measure in (False, True):  # warm-up, then measured
+            torch.manual_seed(1)
+            with PeakMemory("cpu") as pm:
+                if hc is None:
+                    loss = model(idx, tgt)[1]
+                else:
+                    with hc:
+                        loss = model(idx, tgt)[1]
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+        return pm.peak_bytes
+
+    theirs = tiny_gpt()
+    for i, block in enumerate(theirs.transformer.h):
+        theirs.transformer.h[i] = Wrapped(block)
+    ours = tiny_gpt()
+    assert peak(ours, checkpointer(ours, "recompute", torch.device("cpu"))) <= peak(theirs, None)
