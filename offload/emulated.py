@@ -81,33 +81,23 @@ class EmulatedBackend(TransferBackend):
     # -- copies ---------------------------------------------------------------------------------
     def d2h(self, src: torch.Tensor, dsts: Sequence[torch.Tensor], label: str = "") -> CopyEvent:
         self.poll()
-        spans = [_span(src)] + [_span(d) for d in dsts]
-        box = [src, list(dsts)]
-
-        def copy(ev: EmulatedEvent) -> None:
-            s, ds = box
-            box.clear()
-            copy_chunks(s, ds, to_chunks=True)
-
-        return self._submit("d2h", src.numel(), label, spans, copy, after=None)
+        return self._submit("d2h", src, dsts, label, after=None)
 
     def h2d(self, srcs: Sequence[torch.Tensor], nbytes: int, after: CopyEvent,
             label: str = "") -> tuple[torch.Tensor, CopyEvent]:
         self.poll()
         dst = torch.empty(nbytes, dtype=torch.uint8)  # allocated on the compute thread
-        spans = [_span(dst)] + [_span(s) for s in srcs]
-        box = [dst, list(srcs)]
+        return dst, self._submit("h2d", dst, srcs, label, after=after)
 
-        def copy(ev: EmulatedEvent) -> None:
-            d, ss = box
-            box.clear()
-            copy_chunks(d, ss, to_chunks=False)
-
-        return dst, self._submit("h2d", nbytes, label, spans, copy, after=after)
-
-    def _submit(self, direction: str, nbytes: int, label: str, spans, copy, after) -> EmulatedEvent:
-        ev = EmulatedEvent(CopyRecord(direction, nbytes, label), spans)
-        delay = self._delay(direction, nbytes)
+    def _submit(self, direction: str, flat: torch.Tensor, chunks: Sequence[torch.Tensor], label: str,
+                after: CopyEvent | None) -> EmulatedEvent:
+        """Queue a copy between `flat` (device side) and host `chunks` on the `direction` stream."""
+        ev = EmulatedEvent(CopyRecord(direction, flat.numel(), label),
+                           [_span(flat)] + [_span(c) for c in chunks])
+        delay = self._delay(direction, flat.numel())
+        # The job must not hold the buffers after it returns: their last reference has to go on
+        # the compute thread (poll), where the profiler sees the free.
+        box = [flat, list(chunks)]
         with self._lock:
             self._inflight.add(ev)
             self.order.append((direction, label))
@@ -120,7 +110,10 @@ class EmulatedBackend(TransferBackend):
                 ev.start_s = time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                copy(ev)
+                f, cs = box
+                box.clear()
+                copy_chunks(f, cs, to_chunks=direction == "d2h")
+                del f, cs
                 ev.end_s = time.perf_counter()
             finally:
                 with self._lock:
