@@ -16,7 +16,7 @@ from .emulated import EmulatedBackend
 from .errors import OffloadError
 from .hooks import ForwardPass, storage_key
 from .hostpool import HostPool
-from .policy import Policy, RegionSite, TensorSite, resolve_policy
+from .policy import FixedPolicy, Policy, RegionSite, TensorSite, resolve_policy
 from .recompute import ReplayGuard
 from .regions import Region, RegionHooks, resolve_regions
 from .report import Report
@@ -84,8 +84,7 @@ class HybridCheckpointer:
         self.op_policy = op_policy
         self.regions: list[Region] = resolve_regions(model, regions)
         fixed = resolve_policy(policy)
-        if isinstance(policy, (str, Action)) and fixed is not None and getattr(fixed, "action", None) is Action.RECOMPUTE \
-                and not self.regions:
+        if isinstance(fixed, FixedPolicy) and fixed.action is Action.RECOMPUTE and not self.regions:
             raise ValueError(f"HybridCheckpointer(policy={policy!r}): recompute needs regions; pass model= "
                              f"with repeated blocks, or regions=[...]")
         for name, value in (("keep_last", keep_last), ("lookahead", lookahead), ("min_offload_bytes", min_offload_bytes)):
@@ -104,7 +103,8 @@ class HybridCheckpointer:
         self._lookahead_override = lookahead
         self._pool = HostPool(self._backend, self.host_budget, slab_bytes)
         self._policy: Policy = fixed if fixed is not None else self._make_auto_policy()
-        self.policy_name = policy if isinstance(policy, str) else getattr(policy, "name", "callable")
+        self.policy_name = (policy if isinstance(policy, str) else policy.value if isinstance(policy, Action)
+                            else getattr(policy, "__name__", "callable"))
         self._replay_guard = ReplayGuard()
         self._copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Rule 4
         self._expected_calls = 0
@@ -112,7 +112,6 @@ class HybridCheckpointer:
         self._active: ForwardPass | None = None
         self._stats = StepStats(step=0)
         self._backward_seen = False
-        self._history: list[StepStats] = []
         self._warned_hf = False
         self._warned_cache = False
         if not isinstance(monitor, bool) and not hasattr(monitor, "samples"):
@@ -242,9 +241,6 @@ class HybridCheckpointer:
         return self._policy.lookahead()
 
     def _begin_step(self) -> None:
-        self._finish_step()
-        self._history.append(self._stats)
-        del self._history[:-64]
         self._stats = StepStats(step=self._stats.step + 1)
         self._pool.reset_high_water()
         self._backward_seen = False
