@@ -243,3 +243,41 @@ def test_recompute_peak_is_not_above_torch_checkpoint():
         theirs.transformer.h[i] = Wrapped(block)
     ours = tiny_gpt()
     assert peak(ours, checkpointer(ours, "recompute", torch.device("cpu"))) <= peak(theirs, None)
+
+
+def test_last_block_stays_resident_under_offload():
+    """Rule 6: backward needs the last block at once; offloading it would be fully exposed."""
+    model = tiny_gpt()
+    hc = checkpointer(model, "offload", torch.device("cpu"))
+    train(model, hc, steps=2)
+    by_name = {seg["name"]: seg for seg in hc.report().segments}
+    assert by_name["transformer.h.3"]["offloaded"] == 0 and by_name["transformer.h.3"]["kept"] > 0
+    assert all(by_name[f"transformer.h.{i}"]["offloaded"] > 0 for i in range(3))
+
+
+def test_backward_on_another_thread_than_forward():
+    """Rule 8: unpack hooks may run on a thread other than the forward's."""
+    import threading
+    ref = train(tiny_gpt(), None, steps=1)
+    for policy in POLICIES:
+        model = tiny_gpt()
+        hc = checkpointer(model, policy, torch.device("cpu"), delay=0.001)
+        idx, tgt = make_batch(TINY, 4, seed=0)
+        torch.manual_seed(1000)
+        with hc:
+            _, loss = model(idx, tgt)
+        errors = []
+
+        def run():
+            try:
+                loss.backward()
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        assert not errors, errors
+        assert torch.equal(loss.detach(), ref[0][0])
+        for (name, p) in model.named_parameters():
+            assert torch.equal(p.grad, ref[1][0][name]), (policy, name)
