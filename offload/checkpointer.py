@@ -14,7 +14,7 @@ from scheduler.plan import Action
 from .budget import Budget, local_world_size, parse_budget
 from .emulated import EmulatedBackend
 from .errors import OffloadError
-from .hooks import ForwardPass, storage_key
+from .hooks import ForwardPass
 from .hostpool import HostPool
 from .policy import FixedPolicy, Policy, RegionSite, TensorSite, resolve_policy
 from .recompute import ReplayGuard
@@ -161,8 +161,8 @@ class HybridCheckpointer:
             self.monitor = Monitor(self.device).start()
         params = set()
         if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
-            params = {storage_key(p) for p in self.model.parameters()}
-            params |= {storage_key(b) for b in self.model.buffers()}
+            params = {p.untyped_storage()._cdata for p in self.model.parameters()}
+            params |= {b.untyped_storage()._cdata for b in self.model.buffers()}
         fp = ForwardPass(self, params)
         self._policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)

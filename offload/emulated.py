@@ -174,9 +174,9 @@ class EmulatedBackend(TransferBackend):
         self._check_unused(buf, "reused")
 
     def poll(self) -> None:
+        if not self._deferred:  # unlocked peek: a release appended meanwhile is drained next time
+            return
         with self._lock:
-            if not self._deferred:
-                return
             ready = [(b, e) for b, e in self._deferred if e.future.done()]
             self._deferred = [(b, e) for b, e in self._deferred if not e.future.done()]
         for buf, _ in ready:

@@ -16,6 +16,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .errors import OffloadError
 from .ranges import op_range
@@ -70,7 +71,7 @@ class HostCopy:
     copy saw and lets the alias go.
     """
 
-    __slots__ = ("pool", "backend", "blocks", "nbytes", "version", "d2h_event", "h2d_event", "device_bytes",
+    __slots__ = ("pool", "backend", "blocks", "nbytes", "d2h_event", "h2d_event", "device_bytes",
                  "copied_version", "stats", "label", "_alias", "_lock", "__weakref__")
 
     def __init__(self, pool: "HostPool", backend: "TransferBackend", blocks: list["Block"],
@@ -82,7 +83,6 @@ class HostCopy:
         self.h2d_event: CopyEvent | None = None
         self.backend = backend
         self.nbytes = src.numel()
-        self.version = tensor._version
         self.copied_version: int | None = None
         self.stats = stats
         self.label = label
@@ -105,17 +105,28 @@ class HostCopy:
             self._alias = None
             return True
 
-    def check_unchanged(self, live: torch.Tensor | None, version: int, where: str) -> None:
-        """Rule 5: raise if the storage was modified in place after it was saved."""
-        check_version(live, version, where)
+    def _seen_version(self, live: torch.Tensor | None) -> int | None:
+        """The storage's version as far as we can still tell: the user's tensor if it lives, else
+        the alias while the copy runs, else the version recorded when the copy was seen done."""
+        if live is not None:
+            return live._version
         with self._lock:
-            alias, copied = self._alias, self.copied_version
-        check_version(alias, version, where)
-        if alias is None and copied is not None and copied != version:
+            return self._alias._version if self._alias is not None else self.copied_version
+
+    def unchanged(self, live: torch.Tensor | None, version: int) -> bool:
+        seen = self._seen_version(live)
+        return seen is None or seen == version
+
+    def check_unchanged(self, live: torch.Tensor | None, version: int, where: str) -> None:
+        """Rule 5: raise if the storage was modified in place after it was saved (possibly
+        before the copy to host read it)."""
+        seen = self._seen_version(live)
+        if seen is not None and seen != version:
             raise OffloadError(
-                f"offload: a tensor saved in {where} was modified in place before its copy to host "
-                f"finished (version {version} at save, {copied} when copied). Backward would use the "
-                f"wrong values. Clone it before modifying it, or use the out-of-place op.")
+                f"offload: a tensor saved in {where} was modified in place after it was saved for "
+                f"backward (version {version} at save, {seen} later), possibly before its copy to host "
+                f"read it. Backward would use the wrong values. Clone it before modifying it "
+                f"(x = x.clone()), or use the out-of-place op.")
 
     def reload(self, prefetch: bool) -> tuple[torch.Tensor, "CopyEvent"]:
         """Issue the H2D copy unless it was issued already (idempotent, thread-safe)."""
@@ -132,6 +143,7 @@ class HostCopy:
         waits only on this copy's event."""
         data, event = self.reload(prefetch=False)
         self.stats.add_wait(self.backend.wait(event, data), event)
+        self.settle()  # the reload started after the D2H ended: the alias can go
         return data
 
     def __del__(self) -> None:
@@ -167,10 +179,11 @@ class OffloadHandle:
 class SlotHandle:
     """A tensor dropped for recompute: filled by its region's replay on first unpack.
 
-    Once unpacked, the handle keeps only a weak reference, so the recomputed tensor dies with
-    the node that used it (as torch.utils.checkpoint frees it) instead of when autograd releases
-    the node's saved variables. Unpack stays repeatable (Rule 1): a second unpack after the value
-    died (retain_graph=True, a second read of grad_fn._saved_*) replays the region again.
+    Once unpacked, the handle keeps only a weak reference to the storage, so the recomputed
+    tensor dies with the node that used it (as torch.utils.checkpoint frees it), not when
+    autograd releases the node's saved variables. Unpack stays repeatable (Rule 1): while the
+    storage lives the same data comes back; after it died (retain_graph=True, a later read of
+    grad_fn._saved_*) the region is replayed again.
     """
 
     __slots__ = ("frame", "index", "value", "_used", "__weakref__")
@@ -179,13 +192,19 @@ class SlotHandle:
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
-        self._used: weakref.ref | None = None
+        self._used: tuple | None = None  # (storage weak ref, dtype, offset, size, stride, device)
 
     def current(self) -> torch.Tensor | None:
-        """The recomputed tensor if it is still alive, else None."""
+        """The recomputed tensor if its storage is still alive, else None."""
         if self.value is not None:
             return self.value
-        return self._used() if self._used is not None else None
+        if self._used is None:
+            return None
+        ref, dtype, offset, size, stride, device = self._used
+        storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
+        if storage is None:
+            return None
+        return torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride)
 
     def unpack(self) -> torch.Tensor:
         value = self.current()
@@ -195,7 +214,11 @@ class SlotHandle:
         if value is None:
             raise OffloadError(f"offload: recompute of {self.frame.name} did not produce saved tensor "
                                f"#{self.index}; this is a bug in offload")
-        self.value, self._used = None, weakref.ref(value)
+        # Autograd wraps what we return in a new tensor, so a weak reference to `value` itself
+        # would die at once; the storage lives as long as the node's use of it.
+        self._used = (StorageWeakRef(value.untyped_storage()), value.dtype, value.storage_offset(),
+                      value.size(), value.stride(), value.device)
+        self.value = None
         return value
 
 

@@ -49,6 +49,7 @@ class Segment:
     frame: RecomputeFrame | None = None
     copies: list = field(default_factory=list)  # weakrefs to HostCopy, in pack order
     mode: SaveOps | None = None  # selective recompute's dispatch mode while the region runs
+    saved: dict = field(default_factory=dict)  # action -> distinct storage bytes, flushed at close
     forward_start: object = None  # backend marks
     forward_end: object = None
     backward_start: object = None
@@ -61,17 +62,20 @@ def storage_key(t: torch.Tensor) -> StorageWeakRef:
 class ForwardPass:
     """Everything one `with hc:` forward owns; its hooks close over it."""
 
-    def __init__(self, hc: "HybridCheckpointer", param_storages: set):
+    def __init__(self, hc: "HybridCheckpointer", param_storages: set[int]):
         self.hc = hc
         self.backend = hc._backend
         self.device = hc._backend.device
         self.stats = hc._stats
+        # StorageImpl addresses of the model's parameters and buffers. The model holds these
+        # storages for the whole forward, so no activation can be allocated at one of these
+        # addresses meanwhile; Rule 4's warning is about pointer keys that outlive their storage.
         self.param_storages = param_storages
         self.pack_index = 0
         self.region_calls = 0
         self.depth = 0  # region nesting: an inner region is part of the outer one
         self.segments: list[Segment] = []
-        self._seen: dict[StorageWeakRef, int] = {}  # storage -> index into self.records
+        self._seen: dict[StorageWeakRef, list] = {}  # storage -> [id, segment, nbytes, offloadable, last]
         self._counted: set[StorageWeakRef] = set()
         self._calls_of: dict[int, int] = {}  # id(region module) -> calls so far
         self.records: list[TensorRecord] = []
@@ -109,9 +113,9 @@ class ForwardPass:
             return
         self._current()
         for p in region.module.parameters():  # FSDP materialises unsharded parameters here
-            self.param_storages.add(storage_key(p))
+            self.param_storages.add(p.untyped_storage()._cdata)
         for b in region.module.buffers():
-            self.param_storages.add(storage_key(b))
+            self.param_storages.add(b.untyped_storage()._cdata)
         call = self.region_calls
         site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
         idx = len(self.segments)
@@ -129,7 +133,8 @@ class ForwardPass:
                         "(Hugging Face use_cache=True): the cache keeps every layer's keys and values "
                         "alive until the step ends. Pass use_cache=False when training; recompute "
                         "replays the layer without the cache.", region.name)
-        inputs = {storage_key(x): x.untyped_storage().nbytes() for x in leaves if isinstance(x, torch.Tensor)}
+        inputs = {x.untyped_storage()._cdata: x.untyped_storage().nbytes()
+                  for x in leaves if isinstance(x, torch.Tensor)}
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
@@ -176,10 +181,17 @@ class ForwardPass:
             self.hc._expected_calls = self.region_calls
         self.lookahead = self.hc._lookahead_segments()  # Rule 8: this forward's, not the latest
         self.hc._settle_copies()
+        self.records = [TensorRecord(*entry) for entry in self._seen.values()]
         self._seen.clear()
         self._counted.clear()
         for seg in self.segments:
             seg.frame = None
+            for action, nbytes in seg.saved.items():
+                if action is None:
+                    self.stats.skipped_param_bytes += nbytes
+                else:
+                    self.stats.add_saved(seg.index, seg.name, action, nbytes)
+            seg.saved.clear()
             self.stats.timeline.add_compute("forward", seg.name, seg.forward_start, seg.forward_end)
         self.stats.timeline.tail_label = self.segments[-1].name
 
@@ -200,11 +212,9 @@ class ForwardPass:
                 return KeepHandle(t, seg.name)
             self._count(key, t, seg, "recomputed")
             return seg.frame.add_slot(t)
-        copy = self.hc._copies.get((key, t._version))
-        if copy is not None:  # Rule 4: a storage moved once is not also held on the device
-            if not seg.copies or seg.copies[-1]() is not copy:
-                seg.copies.append(weakref.ref(copy))  # prefetch it for its latest saver too
-            return OffloadHandle(copy, t, seg.name)
+        handle = self._already_moved(t, key, seg)
+        if handle is not None:
+            return handle
         if first and not param and self._wants_offload(k, t, seg):  # the first save decides
             handle = self._offload(t, seg, key)
             if handle is not None:
@@ -214,15 +224,16 @@ class ForwardPass:
 
     def unpack(self, handle) -> torch.Tensor:
         self.hc._note_backward(self.stats)
+        self.hc._settle_copies()
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
         """A recomputed region's input: kept, or offloaded when the plan says so."""
         key = storage_key(t)
         param = self._is_param(t, key)
-        copy = self.hc._copies.get((key, t._version))
-        if copy is not None:
-            return OffloadHandle(copy, t, seg.name)
+        handle = self._already_moved(t, key, seg)
+        if handle is not None:
+            return handle
         if seg.plan.offload_inputs and not param and self._offloadable(t):
             handle = self._offload(t, seg, key)
             if handle is not None:
@@ -233,12 +244,23 @@ class ForwardPass:
     def _offload_output(self, t: torch.Tensor, seg: Segment) -> OffloadHandle | None:
         """An op output the selective policy offloads (None: keep it, too small or pool full)."""
         key = storage_key(t)
-        copy = self.hc._copies.get((key, t._version))
-        if copy is not None:
-            return OffloadHandle(copy, t, seg.name)
+        handle = self._already_moved(t, key, seg)
+        if handle is not None:
+            return handle
         if self._is_param(t, key) or not self._offloadable(t):
             return None
         return self._offload(t, seg, key)
+
+    def _already_moved(self, t: torch.Tensor, key: StorageWeakRef, seg: Segment) -> OffloadHandle | None:
+        """Rule 4: a storage already copied to the host is not also held on the device; the
+        latest segment that saves it prefetches it too."""
+        copies = self.hc._copies
+        copy = copies.get((key, t._version)) if copies else None
+        if copy is None:
+            return None
+        if not seg.copies or seg.copies[-1]() is not copy:
+            seg.copies.append(weakref.ref(copy))
+        return OffloadHandle(copy, t, seg.name)
 
     def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
         policy = self.hc._policy
@@ -272,9 +294,9 @@ class ForwardPass:
     # -- filters (Rule 6) --------------------------------------------------------------------------
     def _is_param(self, t: torch.Tensor, key: StorageWeakRef) -> bool:
         base = t._base if t._is_view() and t._base is not None else t
-        if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
+        if base.is_leaf and (base.requires_grad or isinstance(base, nn.Parameter)):
             return True  # frozen parameters too: moving them frees nothing
-        return key in self.param_storages
+        return t.untyped_storage()._cdata in self.param_storages
 
     def _offloadable(self, t: torch.Tensor) -> bool:
         return (type(t) in _PLAIN and t.device == self.device and t.layout == torch.strided
@@ -284,27 +306,21 @@ class ForwardPass:
     # -- accounting --------------------------------------------------------------------------------
     def _record(self, k: int, t: torch.Tensor, seg: Segment, key: StorageWeakRef, param: bool) -> bool:
         """Note the save for the profile; True if this is the storage's first save in this forward."""
-        i = self._seen.get(key)
-        if i is None:
-            self._seen[key] = len(self.records)
-            offloadable = not param and self._offloadable(t)
-            self.records.append(TensorRecord(k, seg.index, t.untyped_storage().nbytes(), offloadable))
+        entry = self._seen.get(key)
+        if entry is None:
+            self._seen[key] = [k, seg.index, t.untyped_storage().nbytes(), not param and self._offloadable(t), -1]
             return True
-        r = self.records[i]
-        if r.last != seg.index:
-            self.records[i] = TensorRecord(r.id, r.segment, r.nbytes, r.offloadable, seg.index)
+        if entry[1] != seg.index:
+            entry[4] = seg.index
         return False
 
     def _count(self, key: StorageWeakRef, t: torch.Tensor, seg: Segment, action: str | None) -> None:
-        """Count a storage's bytes once per forward, under the first action it got."""
+        """Count a storage's bytes once per forward, under the first action it got (None: a
+        parameter or buffer, never moved)."""
         if key in self._counted:
             return
         self._counted.add(key)
-        nbytes = t.untyped_storage().nbytes()
-        if action is None:
-            self.stats.skipped_param_bytes += nbytes
-        else:
-            self.stats.add_saved(seg.index, seg.name, action, nbytes)
+        seg.saved[action] = seg.saved.get(action, 0) + t.untyped_storage().nbytes()
 
     # -- backward ----------------------------------------------------------------------------------
     def _backward_hook(self, seg_index: int):

@@ -121,8 +121,15 @@ class HostPool:
         return sum(size for ranges in self._free for _, size in ranges)
 
     def _growable(self) -> int:
-        room = self.budget - self.reserved
-        return room if room >= MIN_SLAB else 0
+        """Bytes `_grow` can still add: power-of-two slabs that fit in the remaining budget."""
+        room, total, size = self.budget - self.reserved, 0, self.slab_bytes
+        while True:
+            while size > room:
+                size //= 2
+            if size < MIN_SLAB:
+                return total
+            total += size
+            room -= size
 
     def _grow(self) -> bool:
         room = self.budget - self.reserved

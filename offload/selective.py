@@ -15,6 +15,8 @@ never stored: skipping one in the replay would skip its RNG draw and shift every
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -25,6 +27,8 @@ from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
 OpPolicy = Callable[..., Any]
 
+_IGNORED = {torch.ops.aten.detach.default, torch.ops.aten.alias.default,
+            torch.ops.aten.lift_fresh.default}
 _SAVE = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
 _OFFLOAD = tuple(p for p in (getattr(CheckpointPolicy, "MUST_CPU_OFFLOAD", None),
                              getattr(CheckpointPolicy, "PREFER_CPU_OFFLOAD", None)) if p is not None)
@@ -41,13 +45,22 @@ def _context(out) -> SelectiveCheckpointContext:
     return SelectiveCheckpointContext(is_recompute=False)
 
 
+@functools.lru_cache(maxsize=None)
 def _stored_ok(func) -> bool:
     """Ops whose outputs may be stored: not views (free to redo) and not random (a stored random
     op would skip its RNG draw in the replay and shift every later draw)."""
     return (func not in _IGNORED and not any(r.alias_info is not None for r in func._schema.returns)
             and torch.Tag.nondeterministic_seeded not in func.tags)
-_IGNORED = {torch.ops.aten.detach.default, torch.ops.aten.alias.default,
-            torch.ops.aten.lift_fresh.default}
+
+
+def _versioned_views():
+    """Below autograd, detach() would not share the version counter; with the ADInplaceOrView
+    key back on it does, so an in-place op on a stored output is seen (as PyTorch's own
+    selective checkpointing does)."""
+    guard = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+    if guard is None:
+        return contextlib.nullcontext()
+    return guard(torch._C.DispatchKey.ADInplaceOrView, False)
 
 
 class _Kept:
@@ -72,8 +85,7 @@ class _Moved:
         self.handle = handle
 
     def get(self) -> torch.Tensor | None:
-        live = self.handle.ref()
-        if live is not None and live._version != self.handle.version:
+        if not self.handle.copy.unchanged(self.handle.ref(), self.handle.version):
             return None
         return self.handle.unpack()
 
@@ -114,12 +126,14 @@ class SaveOps(TorchDispatchMode):
         if not isinstance(x, torch.Tensor):
             return x
         self.keep(x)
-        return _Kept(x.detach())
+        with _versioned_views():
+            return _Kept(x.detach())
 
     def _moved(self, x):
         if not isinstance(x, torch.Tensor):
             return x
-        handle = self.offload(x)
+        with _versioned_views():  # the host copy's alias must see in-place ops too
+            handle = self.offload(x)
         return _Moved(handle) if handle is not None else self._kept(x)
 
 

@@ -146,3 +146,94 @@ def test_frozen_parameters_are_never_offloaded():
     assert hc.stats.offloaded_bytes == 0
     assert hc.stats.skipped_param_bytes == 256 * 256 * 4
     y.sum().backward()
+
+
+def _matmul_then_in_place(x, w):
+    h = x @ w
+    h.add_(1)  # modifies the matmul's output after the op produced it
+    return h.sin()
+
+
+class InPlaceAfterMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x):
+        return _matmul_then_in_place(x, self.w)
+
+
+@pytest.mark.parametrize("decision", ["MUST_SAVE", "MUST_CPU_OFFLOAD"])
+def test_selective_store_ignores_outputs_modified_in_place(decision):
+    """A stored op output that was modified in place must not be handed to the replay."""
+    chosen = getattr(CheckpointPolicy, decision)
+
+    def store_mm(ctx, op, *args, **kwargs):
+        return chosen if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlaceAfterMatmul(), InPlaceAfterMatmul())
+    x = torch.randn(128, 64, requires_grad=True)
+    model(x).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    hc = HybridCheckpointer(model, policy="recompute", op_policy=store_mm, min_offload_bytes=1024,
+                            host_budget="16MiB")
+    with hc:
+        loss = model(x).sum()
+    loss.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(ref, model.parameters()))
+
+
+class SavedTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        (b,) = ctx.saved_tensors  # a second read in the same backward
+        return g * 2 + 0 * (a + b)
+
+
+class TwiceBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return SavedTwice.apply(torch.tanh(self.lin(x)))
+
+
+def test_reading_saved_tensors_twice_replays_once():
+    model = nn.Sequential(*[TwiceBlock() for _ in range(3)])
+    hc = HybridCheckpointer(model, policy="recompute", host_budget="16MiB")
+    x = torch.randn(32, 64, requires_grad=True)
+    with hc:
+        loss = model(x).sum()
+    loss.backward()
+    assert hc.stats.replays == 3
+
+
+def test_host_copy_lets_its_device_alias_go_at_the_first_unpack():
+    """Until its D2H is seen done a host copy holds the device tensor; backward must not keep it."""
+    hc = HybridCheckpointer(policy="offload", regions=None, backend=EmulatedBackend(d2h_delay_s=0.05),
+                            min_offload_bytes=1024, host_budget="64MiB")
+    x = torch.randn(N, requires_grad=True)
+    with hc:
+        y = (x * 2).sin().cos().exp()
+    assert any(copy._alias is not None for copy in hc._copies.values())  # still copying at the end
+    hc.backend.drain()  # copies done, but nothing has looked since the forward ended
+    y.grad_fn._saved_result  # one unpack
+    assert all(copy._alias is None for copy in hc._copies.values())
+    y.sum().backward()
+
+
+def test_pool_does_not_grow_for_a_request_it_cannot_hold():
+    from offload.hostpool import MIN_SLAB, HostPool
+    pool = HostPool(EmulatedBackend(), budget=3 * MIN_SLAB + MIN_SLAB // 2, slab_bytes=2 * MIN_SLAB)
+    assert pool.alloc(3 * MIN_SLAB + MIN_SLAB // 4) is None  # only 2 + 1 MiB of slabs can exist
+    assert pool.reserved == 0
+    assert pool.alloc(3 * MIN_SLAB) is not None
