@@ -288,13 +288,14 @@ class HybridCheckpointer:
 
 
 def _hf_checkpointing(model: nn.Module | None) -> bool:
-    """Whether a (possibly DDP-wrapped) Hugging Face model has its own checkpointing on."""
-    inner = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    if inner is None:
-        return False
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, 4
-        if isinstance(getattr(type(inner), name, None), property):
-            return bool(getattr(inner, name))
+    """Whether a Hugging Face model, possibly wrapped (DDP/FSDP1 `.module`, torch.compile
+    `._orig_mod`), has its own checkpointing on."""
+    while model is not None:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, 4
+            if isinstance(getattr(type(model), name, None), property):
+                return bool(getattr(model, name))
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")
+        model = inner if isinstance(inner, nn.Module) else None
     return False
 
 

@@ -77,10 +77,10 @@ class HostPool:
         """Blocks that together hold `nbytes`, or None if the budget cannot cover them."""
         need = _aligned(nbytes)
         with self._lock:
-            self._reclaim(block=False)
+            self._reclaim()
             short = self._free_bytes() + self._growable() < need
             if short and self._free_bytes() + self._growable() + self._pending_bytes() >= need:
-                self._reclaim(block=True)  # only when waiting for running copies can cover it
+                self._wait_for(need)  # only when waiting for running copies can cover it
             if self._free_bytes() + self._growable() < need:
                 return None
             while self._free_bytes() < need:
@@ -103,13 +103,20 @@ class HostPool:
     def _pending_bytes(self) -> int:
         return sum(b.nbytes for blocks, _ in self._pending for b in blocks)
 
-    def _reclaim(self, block: bool) -> None:
+    def _wait_for(self, need: int) -> None:
+        """Wait for the oldest running copies, one freed allocation at a time, until `need` fits."""
+        while self._pending and self._free_bytes() + self._growable() < need:
+            blocks, events = self._pending.pop(0)
+            for e in events:
+                self.backend.synchronize(e)
+            for b in blocks:
+                self._insert_free(b.slab, b.start, b.nbytes)
+
+    def _reclaim(self) -> None:
+        """Blocks whose copies have all finished become free."""
         keep = []
         pending, self._pending = self._pending, []  # a free() from a finalizer may append meanwhile
         for blocks, events in pending:
-            if block:
-                for e in events:
-                    self.backend.synchronize(e)
             if all(self.backend.query(e) for e in events):
                 for b in blocks:
                     self._insert_free(b.slab, b.start, b.nbytes)
