@@ -12,7 +12,6 @@ that requires grad counts as a parameter), tensors not on the compute device, te
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -50,9 +49,8 @@ class Segment:
     copies: list = field(default_factory=list)  # weakrefs to HostCopy, in pack order
     mode: SaveOps | None = None  # selective recompute's dispatch mode while the region runs
     saved: dict = field(default_factory=dict)  # action -> distinct storage bytes, flushed at close
-    forward_start: object = None  # backend marks
+    forward_start: object = None  # backend marks (host times or CUDA events)
     forward_end: object = None
-    backward_start: object = None
 
 
 def storage_key(t: torch.Tensor) -> StorageWeakRef:

@@ -1,6 +1,5 @@
 """Layer 6: policy="auto": profile, plan under the budgets, prefetch ahead of backward."""
 import pytest
-import torch
 
 from offload import Action, EmulatedBackend, HybridCheckpointer, PeakMemory
 from bench.gpt import make_batch

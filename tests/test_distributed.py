@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from offload import HybridCheckpointer

@@ -1,12 +1,11 @@
 """Layer 3: handles own their storage (Rule 1), one copy per storage (Rule 4), in-place checks
 (Rule 5), filters (Rule 6)."""
-import gc
 
 import pytest
 import torch
 from torch import nn
 
-from offload import Action, HybridCheckpointer, OffloadError
+from offload import HybridCheckpointer, OffloadError
 
 from .conftest import make_backend, settle
 

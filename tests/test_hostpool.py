@@ -1,5 +1,4 @@
 """Layer 1: the pinned host pool: exact budget, reuse only after copies finish (Rule 3, Rule 2)."""
-import time
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Layer 2: the transfer backends follow the stream protocol (Rule 2) on emulation and CUDA."""
-import pytest
 import torch
 
 from offload import EmulatedBackend
