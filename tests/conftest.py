@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny GPT, backends (emulated always, CUDA when present), a training loop."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 
@@ -51,6 +52,11 @@ def tiny_gpt(device="cpu", cfg: GPTConfig = TINY, seed: int = 0) -> GPT:
     return GPT(cfg).to(device)
 
 
+def under(hc: HybridCheckpointer | None):
+    """`with under(hc):` runs a forward under the runtime, or plain when `hc` is None."""
+    return contextlib.nullcontext() if hc is None else hc
+
+
 def train(model, hc: HybridCheckpointer | None, steps: int = 3, batch: int = 4, mode: str = "backward",
           reseed_between: bool = True):
     """Run `steps` seeded steps; return (losses, grads per step). `mode`: how backward is called."""
@@ -61,11 +67,8 @@ def train(model, hc: HybridCheckpointer | None, steps: int = 3, batch: int = 4, 
     for s in range(steps):
         idx, tgt = make_batch(model.cfg, batch, seed=s, device=device)
         torch.manual_seed(1000 + s)
-        if hc is None:
+        with under(hc):
             _, loss = model(idx, tgt)
-        else:
-            with hc:
-                _, loss = model(idx, tgt)
         if reseed_between:
             torch.manual_seed(7)  # a user reseeding between forward and backward must not matter
         if mode == "backward":

@@ -7,7 +7,7 @@ from offload import HybridCheckpointer, PeakMemory
 from offload.cudastreams import CudaBackend
 from bench.gpt import GPTConfig, make_batch
 
-from .conftest import assert_bitwise, cuda_or_skip, settle, tiny_gpt, train
+from .conftest import assert_bitwise, cuda_or_skip, settle, tiny_gpt, train, under
 
 pytestmark = pytest.mark.cuda
 
@@ -80,12 +80,8 @@ def test_reloaded_gradients_equal_under_autocast_bf16():
     outs = []
     for m, h in ((ref_model, None), (model, hc)):
         torch.manual_seed(0)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if h is None:
-                loss = m(idx, tgt)[1]
-            else:
-                with h:
-                    loss = m(idx, tgt)[1]
+        with torch.autocast("cuda", dtype=torch.bfloat16), under(h):
+            loss = m(idx, tgt)[1]
         loss.backward()
         outs.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*outs))

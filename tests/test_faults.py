@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from offload import EmulatedBackend, HybridCheckpointer, OffloadError
 
-from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, settle, tiny_gpt, train
+from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, settle, tiny_gpt, train, under
 
 N = 256 * 256
 
@@ -63,11 +63,8 @@ def test_selective_replay_keeps_random_draws_in_step():
 
     def grads(hc):
         torch.manual_seed(1)
-        if hc is None:
+        with under(hc):
             loss = model(x).sum()
-        else:
-            with hc:
-                loss = model(x).sum()
         torch.manual_seed(2)
         loss.backward()
         out = [p.grad.clone() for p in model.parameters()]

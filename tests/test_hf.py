@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from offload import HybridCheckpointer, OffloadError  # noqa: E402
 
-from .conftest import mixed  # noqa: E402
+from .conftest import mixed, under  # noqa: E402
 
 # The runtime's HF-checkpointing check reads a property transformers 5 deprecates; pinned by
 # test_runtime_triggers_no_deprecation_warning_from_transformers, silenced elsewhere.
@@ -78,11 +78,8 @@ def train(model, hc: HybridCheckpointer | None, steps: int = 3, use_cache: bool 
         ids = batch(s)
         kw = {} if use_cache is None else {"use_cache": use_cache}
         torch.manual_seed(1000 + s)
-        if hc is None:
+        with under(hc):
             loss = model(input_ids=ids, labels=ids, **kw).loss
-        else:
-            with hc:
-                loss = model(input_ids=ids, labels=ids, **kw).loss
         torch.manual_seed(7)  # the runtime must replay dropout's RNG itself
         loss.backward()
         losses.append(loss.detach().clone())

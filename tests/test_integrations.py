@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from offload import HybridCheckpointer
 from bench.gpt import make_batch
 
-from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, mixed, tiny_gpt, train
+from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, mixed, tiny_gpt, train, under
 
 POLICIES = ["keep", "offload", "recompute", mixed]
 IDS = ["keep", "offload", "recompute", "mixed"]
@@ -21,12 +21,8 @@ def amp_train(model, hc, dtype, steps=3, scaler=None):
     for s in range(steps):
         idx, tgt = make_batch(TINY, 4, seed=s)
         torch.manual_seed(50 + s)
-        with torch.autocast("cpu", dtype=dtype):
-            if hc is None:
-                _, loss = model(idx, tgt)
-            else:
-                with hc:
-                    _, loss = model(idx, tgt)
+        with torch.autocast("cpu", dtype=dtype), under(hc):
+            _, loss = model(idx, tgt)
         torch.manual_seed(0)
         (scaler.scale(loss) if scaler else loss).backward()
         out_losses.append(loss.detach())

@@ -7,7 +7,7 @@ from offload import Action, HybridCheckpointer, OffloadError
 from offload.policy import FixedPolicy
 from scheduler.plan import SegmentPlan
 
-from .conftest import MIN_OFFLOAD, make_backend, settle
+from .conftest import MIN_OFFLOAD, make_backend, settle, under
 
 
 class NoisyBlock(nn.Module):
@@ -38,12 +38,8 @@ class Stack(nn.Module):
 def grads_of(model, hc, x, seed=11, autocast=None):
     torch.manual_seed(seed)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
-    if hc is None:
-        with ctx:
-            loss = model(x)
-    else:
-        with hc, ctx:
-            loss = model(x)
+    with under(hc), ctx:
+        loss = model(x)
     torch.manual_seed(12345)  # reseeding between forward and backward must not change the replay
     torch.rand(100)
     loss.backward()

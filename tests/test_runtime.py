@@ -7,7 +7,7 @@ import torch
 from offload import HybridCheckpointer, PeakMemory
 from bench.gpt import make_batch
 
-from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, make_backend, mixed, settle, tiny_gpt, train
+from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, make_backend, mixed, settle, tiny_gpt, train, under
 
 
 POLICIES = ["keep", "offload", "recompute", mixed]
@@ -189,11 +189,8 @@ def peak_of(policy, batch=8):
         train(model, hc, steps=1, batch=batch)  # warm-up: the host pool grows its slabs here
     idx, tgt = make_batch(TINY, batch)
     with PeakMemory("cpu") as pm:
-        if hc is None:
+        with under(hc):
             _, loss = model(idx, tgt)
-        else:
-            with hc:
-                _, loss = model(idx, tgt)
         loss.backward()
     return pm.peak_bytes, hc
 
@@ -229,11 +226,8 @@ def test_recompute_peak_is_not_above_torch_checkpoint():
         for measure in (False, True):  # warm-up, then measured
             torch.manual_seed(1)
             with PeakMemory("cpu") as pm:
-                if hc is None:
+                with under(hc):
                     loss = model(idx, tgt)[1]
-                else:
-                    with hc:
-                        loss = model(idx, tgt)[1]
                 loss.backward()
             model.zero_grad(set_to_none=True)
         return pm.peak_bytes
