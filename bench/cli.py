@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from offload.budget import parse_budget
+from offload.core.budget import parse_budget
 
 from .contenders import Contender, Hybrid, baselines, fixed_policies
 from .losscurve import CurveConfig, run_loss_curves

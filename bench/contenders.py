@@ -180,7 +180,7 @@ class HybridAuto(Hybrid):
 
     family = AUTO
     # policy="auto" profiles its first two forwards and plans before the third, measuring the host
-    # link inside it (offload/autoplan.py): from the fourth step on the plan runs undisturbed.
+    # link inside it (offload/auto/policy.py): from the fourth step on the plan runs undisturbed.
     settle_steps = 3
 
     def __init__(self, device_budget: int, label: str, settings: RuntimeSettings):

@@ -13,14 +13,14 @@ import logging
 from scheduler.plan import Action
 
 from .checkpointer import HybridCheckpointer
-from .emulated import EmulatedBackend
-from .errors import OffloadError
-from .hostpool import HostPool
-from .monitor import Monitor
-from .peakmem import PeakMemory
-from .policy import RegionSite, TensorSite
-from .report import Report
-from .transfer import TransferBackend
+from .transfer.emulated import EmulatedBackend
+from .core.errors import OffloadError
+from .transfer.hostpool import HostPool
+from .observe.monitor import Monitor
+from .observe.peakmem import PeakMemory
+from .core.policy import RegionSite, TensorSite
+from .observe.report import Report
+from .transfer.backend import TransferBackend
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

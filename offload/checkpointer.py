@@ -1,9 +1,7 @@
 """`HybridCheckpointer`: the public entry point. `with hc:` wraps one forward pass."""
 from __future__ import annotations
 
-import collections
 import logging
-import weakref
 from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import torch
@@ -11,26 +9,26 @@ from torch import nn
 
 from scheduler.plan import Action
 
-from .budget import Budget, local_world_size, parse_budget
-from .emulated import EmulatedBackend
-from .errors import OffloadError
-from .hooks import ForwardPass
-from .hostpool import HostPool
-from .policy import FixedPolicy, Policy, RegionSite, TensorSite, resolve_policy
-from .recompute import ReplayGuard
-from .regions import Region, RegionHooks, resolve_regions
-from .report import Report
-from .stats import StepStats
-from .transfer import TransferBackend
+from .core.budget import Budget, local_world_size, parse_budget
+from .core.errors import OffloadError
+from .core.hooks import ForwardPass
+from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
+from .core.regions import Region, RegionHooks, resolve_regions
+from .core.runtime import Runtime, Settings, device_available
+from .observe.hostmem import available_host_bytes
+from .observe.report import Report
+from .observe.stats import StepStats
+from .transfer.backend import TransferBackend
+from .transfer.emulated import EmulatedBackend
+from .transfer.hostpool import HostPool
 
 if TYPE_CHECKING:
-    from .monitor import Monitor
+    from .observe.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
 PolicyArg = Union[str, Action, Callable[[Union[RegionSite, TensorSite]], Union[Action, None]]]
 HOST_SHARE = 0.5  # default host budget: this share of available host memory, split among local ranks
-DEVICE_HEADROOM = 0.10  # default device budget: free device memory less this share
 
 
 class HybridCheckpointer:
@@ -77,98 +75,63 @@ class HybridCheckpointer:
                  monitor: "Monitor | bool" = False, op_policy: Callable | None = None):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
-        self.model = model
         if op_policy is not None and not callable(op_policy):
             raise TypeError(f"HybridCheckpointer(op_policy={op_policy!r}): expected a function "
                             f"(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy")
-        self.op_policy = op_policy
-        self.regions: list[Region] = resolve_regions(model, regions)
+        resolved = resolve_regions(model, regions)
         fixed = resolve_policy(policy)
-        if isinstance(fixed, FixedPolicy) and fixed.action is Action.RECOMPUTE and not self.regions:
+        if isinstance(fixed, FixedPolicy) and fixed.action is Action.RECOMPUTE and not resolved:
             raise ValueError(f"HybridCheckpointer(policy={policy!r}): recompute needs regions; pass model= "
                              f"with repeated blocks, or regions=[...]")
         for name, value in (("keep_last", keep_last), ("lookahead", lookahead), ("min_offload_bytes", min_offload_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"HybridCheckpointer({name}={value!r}): expected an int >= 0")
-        self._backend = self._make_backend(backend)
-        self.device = self._backend.device
-        self.device_budget = parse_budget("device_budget", device_budget, self._device_available)
-        self.host_budget = parse_budget("host_budget", host_budget, _host_available)
-        if self.host_budget is None:
-            self.host_budget = int(_host_available() * HOST_SHARE / local_world_size())
-        self.min_offload_bytes = (self._backend.default_min_offload_bytes if min_offload_bytes is None
-                                  else min_offload_bytes)
-        self._derive_threshold = min_offload_bytes is None
-        self.keep_last = keep_last
-        self._lookahead_override = lookahead
-        self._pool = HostPool(self._backend, self.host_budget, slab_bytes)
-        self._policy: Policy = fixed if fixed is not None else self._make_auto_policy()
-        self.policy_name = (policy if isinstance(policy, str) else policy.value if isinstance(policy, Action)
-                            else getattr(policy, "__name__", "callable"))
-        self._replay_guard = ReplayGuard()
-        self._copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Rule 4
-        self._expected_calls = 0
-        self._unsettled: collections.deque = collections.deque()  # weakrefs to HostCopy, D2H order
-        self._active: ForwardPass | None = None
-        self._stats = StepStats(step=0)
-        self._backward_seen = False
-        self._warned_hf = False
-        self._warned_cache = False
         if not isinstance(monitor, bool) and not hasattr(monitor, "samples"):
             raise TypeError(f"HybridCheckpointer(monitor={monitor!r}): expected an offload.Monitor or a bool")
+        backend = _make_backend(backend, _model_device(model, resolved))
+        device_budget = parse_budget("device_budget", device_budget, lambda: device_available(backend.device))
+        host_budget = parse_budget("host_budget", host_budget, available_host_bytes)
+        if host_budget is None:
+            host_budget = int(available_host_bytes() * HOST_SHARE / local_world_size())
+        settings = Settings(
+            model=model, regions=resolved, device_budget=device_budget, host_budget=host_budget,
+            min_offload_bytes=backend.default_min_offload_bytes if min_offload_bytes is None else min_offload_bytes,
+            derive_threshold=min_offload_bytes is None, keep_last=keep_last, lookahead=lookahead,
+            op_policy=op_policy,
+            policy_name=(policy if isinstance(policy, str) else policy.value if isinstance(policy, Action)
+                         else getattr(policy, "__name__", "callable")))
+        self._runtime = Runtime(settings, backend, HostPool(backend, host_budget, slab_bytes))
+        if fixed is None:
+            from .auto.policy import AutoPolicy
+            fixed = AutoPolicy(self._runtime)
+        self._runtime.policy = fixed
+        self._active: ForwardPass | None = None
+        self._warned_hf = False
         self.monitor = monitor if not isinstance(monitor, bool) else None
         self._own_monitor = monitor is True
-
-    # -- construction helpers ------------------------------------------------------------------
-    def _make_backend(self, backend) -> TransferBackend:
-        if isinstance(backend, TransferBackend):
-            return backend
-        if backend == "emulated":
-            return EmulatedBackend()
-        if backend not in ("auto", "cuda"):
-            raise ValueError(f"HybridCheckpointer(backend={backend!r}): use 'auto', 'cuda', 'emulated' or a "
-                             f"TransferBackend instance")
-        device = _model_device(self.model, self.regions)
-        if backend == "cuda" or (device is not None and device.type == "cuda"):
-            from .cudastreams import CudaBackend
-            return CudaBackend(device if device is not None and device.type == "cuda" else None)
-        return EmulatedBackend()
-
-    def _default_device_budget(self) -> int:
-        """Free device memory less headroom (policy="auto" without a device_budget)."""
-        return int(self._device_available() * (1 - DEVICE_HEADROOM))
-
-    def _device_available(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return free
-        return _host_available()
-
-    def _make_auto_policy(self) -> Policy:
-        from .autoplan import AutoPolicy
-        return AutoPolicy(self)
 
     # -- the context manager -------------------------------------------------------------------
     def __enter__(self) -> "HybridCheckpointer":
         if self._active is not None:
             raise OffloadError("HybridCheckpointer: `with hc:` is already active (nested or concurrent "
                                "forwards under one checkpointer are not supported); use one `with` per forward")
-        if self._backward_seen:
-            self._begin_step()
+        rt = self._runtime
+        if rt.backward_seen:
+            rt.begin_step()
         self._check_foreign_checkpointing()
         if self._own_monitor and self.monitor is None:
-            from .monitor import Monitor
+            from .observe.monitor import Monitor
             self.monitor = Monitor(self.device).start()
         params = set()
         if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
             params = {p.untyped_storage()._cdata for p in self.model.parameters()}
             params |= {b.untyped_storage()._cdata for b in self.model.buffers()}
-        fp = ForwardPass(self, params)
-        self._policy.begin_forward(fp)
+        fp = ForwardPass(rt, params)
+        rt.policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
         if self.model is not None:  # the input signature, before any segment is planned
             region_hooks.add(self.model.register_forward_pre_hook(
-                lambda mod, args, kwargs: self._policy.model_inputs(args, kwargs), with_kwargs=True))
+                lambda mod, args, kwargs: rt.policy.model_inputs(args, kwargs), with_kwargs=True))
         saved_hooks = torch.autograd.graph.saved_tensors_hooks(fp.pack, fp.unpack)
         try:
             saved_hooks.__enter__()
@@ -180,15 +143,15 @@ class HybridCheckpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        fp = self._active
+        fp, rt = self._active, self._runtime
         try:  # Rule 9: whatever happened in forward, the hooks come off and the state closes
             self._saved_hooks.__exit__(exc_type, exc, tb)
         finally:
             self._region_hooks.remove()
             self._active = None
             fp.close(failed=exc_type is not None)
-            self._stats.forwards += 1
-            self._policy.end_forward(fp, failed=exc_type is not None)
+            rt.stats.forwards += 1
+            rt.policy.end_forward(fp, failed=exc_type is not None)
 
     def _check_foreign_checkpointing(self) -> None:
         """Hugging Face's own gradient checkpointing recomputes every layer with
@@ -202,89 +165,84 @@ class HybridCheckpointer:
                     "policy=%r has no effect there. Call model.gradient_checkpointing_disable() to let "
                     "the runtime decide.", self.policy_name)
 
-    # -- used by ForwardPass -------------------------------------------------------------------
-    def _note_backward(self, stats: StepStats) -> None:
-        """A backward touched this checkpointer's graph: time it, once per backward pass."""
-        self._backward_seen = True
-        timeline = stats.timeline
-        if timeline.backward and timeline.backward[-1][1] is None:
-            return
-        entry = timeline.open_backward(self._backend.mark())
-
-        def close() -> None:
-            entry[1] = self._backend.mark()
-
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(close)
-        except RuntimeError:  # not inside a backward pass (e.g. a read of grad_fn._saved_*)
-            timeline.backward.remove(entry)
-
-    def _settle_copies(self) -> None:
-        """Let host copies whose D2H finished drop their version alias (D2H completes in order)."""
-        queue = self._unsettled
-        while queue:
-            try:
-                ref = queue[0]
-            except IndexError:  # emptied by another thread
-                return
-            copy = ref()
-            if copy is not None and not copy.settle():
-                return
-            try:
-                queue.remove(ref)
-            except ValueError:
-                pass
-
-    def _lookahead_segments(self) -> int:
-        if self._lookahead_override is not None:
-            return 2 * self._lookahead_override  # regions -> segments
-        return self._policy.lookahead()
-
-    def _begin_step(self) -> None:
-        self._stats = StepStats(step=self._stats.step + 1)
-        self._pool.reset_high_water()
-        self._backward_seen = False
-
-    def _finish_step(self) -> None:
-        self._stats.host_in_use = self._pool.in_use
-        self._stats.host_high_water = max(self._stats.host_high_water, self._pool.high_water)
-
     # -- public ----------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this checkpointer was built for."""
+        return self._runtime.settings.model
+
+    @property
+    def regions(self) -> list[Region]:
+        """The regions (blocks) found or given; each has `.name` and `.module`."""
+        return self._runtime.settings.regions
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device (the backend's)."""
+        return self._runtime.device
+
+    @property
+    def device_budget(self) -> int | None:
+        """The device budget in bytes as given (None: free device memory less headroom)."""
+        return self._runtime.settings.device_budget
+
+    @property
+    def host_budget(self) -> int:
+        """Pinned host bytes the runtime may hold."""
+        return self._runtime.settings.host_budget
+
+    @property
+    def min_offload_bytes(self) -> int:
+        """Storages smaller than this are never offloaded (policy="auto" derives it from the link)."""
+        return self._runtime.settings.min_offload_bytes
+
+    @property
+    def keep_last(self) -> int:
+        """Region calls at the end of forward kept resident under "offload"."""
+        return self._runtime.settings.keep_last
+
+    @property
+    def policy_name(self) -> str:
+        """The policy as the report names it."""
+        return self._runtime.settings.policy_name
+
     @property
     def stats(self) -> StepStats:
         """Counters of the current step (the one the last forward belongs to)."""
-        self._finish_step()
-        return self._stats
+        return self._runtime.finish_step()
 
     @property
     def plan(self):
         """The scheduler's `Plan` the last forward ran (policy="auto"); None while profiling or
         under a fixed policy."""
-        return getattr(self._policy, "_plan", None)
+        return self._runtime.policy.current_plan()
 
     @property
     def host_pool(self) -> HostPool:
-        return self._pool
+        """The pinned host pool (exact-byte budget)."""
+        return self._runtime.pool
 
     @property
     def backend(self) -> TransferBackend:
-        return self._backend
+        """The transfer backend (CUDA streams or the CPU emulation)."""
+        return self._runtime.backend
 
     def report(self) -> Report:
         """What moved in the current step and how well it overlapped."""
-        self._backend.poll()
-        return Report.build(self, self.stats)
+        rt = self._runtime
+        rt.backend.poll()
+        return Report.build(rt, self.stats, self.monitor)
 
     def close(self) -> None:
         """Stop the monitor this checkpointer started and the emulation's worker threads."""
         if self._own_monitor and self.monitor is not None:
             self.monitor.stop()
             self.monitor = None
-        self._backend.close()
+        self._runtime.backend.close()
 
     def __repr__(self) -> str:
         return (f"HybridCheckpointer(policy={self.policy_name!r}, regions={len(self.regions)}, "
-                f"backend={self._backend.name}, host_budget={self.host_budget})")
+                f"backend={self.backend.name}, host_budget={self.host_budget})")
 
 
 def _hf_checkpointing(model: nn.Module | None) -> bool:
@@ -306,6 +264,16 @@ def _model_device(model: nn.Module | None, regions: list[Region]) -> torch.devic
     return None
 
 
-def _host_available() -> int:
-    from .hostmem import available_host_bytes
-    return available_host_bytes()
+def _make_backend(backend: "str | TransferBackend", device: torch.device | None) -> TransferBackend:
+    """The transfer backend named by the user ("auto": CUDA when the model is on a GPU)."""
+    if isinstance(backend, TransferBackend):
+        return backend
+    if backend == "emulated":
+        return EmulatedBackend()
+    if backend not in ("auto", "cuda"):
+        raise ValueError(f"HybridCheckpointer(backend={backend!r}): use 'auto', 'cuda', 'emulated' or a "
+                         f"TransferBackend instance")
+    if backend == "cuda" or (device is not None and device.type == "cuda"):
+        from .transfer.cuda import CudaBackend
+        return CudaBackend(device if device is not None and device.type == "cuda" else None)
+    return EmulatedBackend()

@@ -41,7 +41,7 @@ def device(request) -> torch.device:
 def make_backend(device: torch.device, delay_s: float = 0.0):
     """A backend for `device`, with copies delayed to open race windows."""
     if device.type == "cuda":
-        from offload.cudastreams import CudaBackend
+        from offload.transfer.cuda import CudaBackend
         cycles = int(delay_s * 1e9)  # ~1 GHz: a rough cycles-per-second figure suffices here
         return CudaBackend(device, d2h_delay_cycles=cycles, h2d_delay_cycles=cycles)
     return EmulatedBackend(d2h_delay_s=delay_s, h2d_delay_s=delay_s)

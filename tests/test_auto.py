@@ -75,8 +75,8 @@ def test_new_input_shape_profiles_and_plans_again(keep_peak):
     hc = auto(model, keep_peak // 2)
     train(model, hc, steps=3, batch=BATCH)
     train(model, hc, steps=3, batch=BATCH // 2)
-    assert len(hc._policy.plans) == 2
-    sizes = {p.predicted_peak_bytes for p in hc._policy.plans.values()}
+    assert len(hc._runtime.policy.plans) == 2
+    sizes = {p.predicted_peak_bytes for p in hc._runtime.policy.plans.values()}
     assert len(sizes) == 2
 
 

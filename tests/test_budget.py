@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from offload import Action, HybridCheckpointer
-from offload.budget import parse_budget
+from offload.core.budget import parse_budget
 
 from .conftest import tiny_gpt
 

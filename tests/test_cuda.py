@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offload import HybridCheckpointer, PeakMemory
-from offload.cudastreams import CudaBackend
+from offload.transfer.cuda import CudaBackend
 from bench.gpt import GPTConfig, make_batch
 
 from .conftest import assert_bitwise, cuda_or_skip, settle, tiny_gpt, train, under

@@ -221,15 +221,15 @@ def test_host_copy_lets_its_device_alias_go_at_the_first_unpack():
     x = torch.randn(N, requires_grad=True)
     with hc:
         y = (x * 2).sin().cos().exp()
-    assert any(copy._alias is not None for copy in hc._copies.values())  # still copying at the end
+    assert any(copy._alias is not None for copy in hc._runtime.copies.values())  # still copying at the end
     hc.backend.drain()  # copies done, but nothing has looked since the forward ended
     y.grad_fn._saved_result  # one unpack
-    assert all(copy._alias is None for copy in hc._copies.values())
+    assert all(copy._alias is None for copy in hc._runtime.copies.values())
     y.sum().backward()
 
 
 def test_pool_does_not_grow_for_a_request_it_cannot_hold():
-    from offload.hostpool import MIN_SLAB, HostPool
+    from offload.transfer.hostpool import MIN_SLAB, HostPool
     pool = HostPool(EmulatedBackend(), budget=3 * MIN_SLAB + MIN_SLAB // 2, slab_bytes=2 * MIN_SLAB)
     assert pool.alloc(3 * MIN_SLAB + MIN_SLAB // 4) is None  # only 2 + 1 MiB of slabs can exist
     assert pool.reserved == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offload import EmulatedBackend, HostPool
-from offload.hostpool import ALIGN, MIN_SLAB
+from offload.transfer.hostpool import ALIGN, MIN_SLAB
 
 
 def test_budget_is_exact_and_slabs_never_exceed_it():

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from offload import hostmem
-from offload.monitor import Monitor, Sample, summarize
-from offload.nvml import (NvmlDevice, NvmlLibrary, NvmlReading, NvmlUnavailableError, counter_delta,
+from offload.observe import hostmem
+from offload.observe.monitor import Monitor, Sample, summarize
+from offload.observe.nvml import (NvmlDevice, NvmlLibrary, NvmlReading, NvmlUnavailableError, counter_delta,
                           nvml_status, pcie_delta)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_unsupported_field_falls_back_to_throughput() -> None:
 def test_raising_call_gives_none_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     gpu = FakeGpu(tx=[1], rx=[2], used=[300], util_error=NVMLError(999))
     dev, _ = open_fake(gpu)
-    with caplog.at_level(logging.DEBUG, logger="offload.nvml"):
+    with caplog.at_level(logging.DEBUG, logger="offload.observe.nvml"):
         readings = [dev.read() for _ in range(3)]
     for r in readings:
         assert r.util_gpu_pct is None and r.util_memory_pct is None
@@ -201,7 +201,7 @@ def test_uuid_mapping_picks_the_right_handle(caplog: pytest.LogCaptureFixture) -
     torch_like = SimpleNamespace(bytes=bytes.fromhex(uuids[2][4:].replace("-", "")))
     assert NvmlDevice.open(0, library=lib, cuda_uuid=torch_like).nvml_index == 2
     assert NvmlDevice.open(0, library=lib, cuda_uuid=uuids[1][4:].upper()).nvml_index == 1
-    with caplog.at_level(logging.WARNING, logger="offload.nvml"):
+    with caplog.at_level(logging.WARNING, logger="offload.observe.nvml"):
         assert NvmlDevice.open(0, library=lib, cuda_uuid="GPU-deadbeef").nvml_index == 0
     assert any("UUID" in rec.getMessage() for rec in caplog.records)
 
@@ -375,13 +375,13 @@ def test_import_does_not_import_pynvml_or_start_cuda() -> None:
     # sys.modules" cannot hold after `import torch`. Instead block pynvml: our imports must not
     # need it, and CUDA must stay uninitialised.
     code = ("import sys; sys.modules['pynvml'] = None; "
-            "import torch, offload.monitor, offload.nvml, offload.hostmem; "
+            "import torch, offload.observe.monitor, offload.observe.nvml, offload.observe.hostmem; "
             "print(sys.modules['pynvml'] is None, torch.cuda.is_initialized())")
     assert _run_python(code) == ["True", "False"]
 
 
 def test_import_does_not_initialise_nvml() -> None:
-    code = ("import sys, torch, offload.monitor, offload.nvml, offload.hostmem; "
+    code = ("import sys, torch, offload.observe.monitor, offload.observe.nvml, offload.observe.hostmem; "
             "m = sys.modules.get('pynvml'); "
             "print(m is None or (m.nvmlLib is None and m._nvmlLib_refcount == 0), "
             "torch.cuda.is_initialized())")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from offload import Action, HybridCheckpointer, OffloadError
-from offload.policy import FixedPolicy
+from offload.core.policy import FixedPolicy
 from scheduler.plan import SegmentPlan
 
 from .conftest import MIN_OFFLOAD, make_backend, settle, under
@@ -132,7 +132,7 @@ def test_recompute_from_offloaded_inputs_waits_for_their_reload():
     ref = grads_of(model, None, x)
     hc = HybridCheckpointer(model, policy="recompute", backend=make_backend(torch.device("cpu"), 0.02),
                             min_offload_bytes=MIN_OFFLOAD, host_budget="16MiB", lookahead=0)
-    hc._policy = RecomputeWithOffloadedInputs()
+    hc._runtime.policy = RecomputeWithOffloadedInputs()
     got = grads_of(model, hc, x)
     assert all(torch.equal(a, b) for a, b in zip(ref[1], got[1]))
     s = hc.stats

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from offload import EmulatedBackend, HybridCheckpointer
-from offload.monitor import Monitor
-from offload.timeline import ResolvedTimeline, Span, intersect, subtract, union
+from offload.observe.monitor import Monitor
+from offload.observe.timeline import ResolvedTimeline, Span, intersect, subtract, union
 
 from .conftest import MIN_OFFLOAD, assert_bitwise, mixed, tiny_gpt, train
 

@@ -2,7 +2,7 @@
 import torch
 
 from offload import EmulatedBackend
-from offload.hostpool import HostPool, MIN_SLAB
+from offload.transfer.hostpool import HostPool, MIN_SLAB
 
 from .conftest import make_backend
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import OffloadError
+from ..core.errors import OffloadError
 from .hostmem import process_rss_bytes, read_cgroup_memory, system_available_bytes
 from .nvml import (DEFAULT_COUNTER_BITS, THROUGHPUT_KB_BYTES, NvmlDevice, NvmlLibrary, NvmlReading,
                    NvmlUnavailableError, counter_delta)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .transfer import CopyEvent, TransferBackend
+from .backend import CopyEvent, TransferBackend
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .errors import OffloadError
-from .ranges import op_range
+from ..observe.ranges import op_range
 
 if TYPE_CHECKING:
-    from .hostpool import Block, HostPool
-    from .stats import StepStats
-    from .transfer import CopyEvent, TransferBackend
+    from ..transfer.hostpool import Block, HostPool
+    from ..observe.stats import StepStats
+    from ..transfer.backend import CopyEvent, TransferBackend
 
 
 def _describe(t: torch.Tensor, where: str) -> str:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .transfer import CopyEvent, CopyRecord, TransferBackend, copy_chunks
+from .backend import CopyEvent, CopyRecord, TransferBackend, copy_chunks
 
 log = logging.getLogger(__name__)
 

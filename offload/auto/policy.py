@@ -20,13 +20,13 @@ import torch
 from scheduler import Plan, plan as make_plan
 from scheduler.plan import Action, SegmentPlan
 
-from .bandwidth import measure_link
-from .policy import Policy, RegionSite, TensorSite
-from .stepprofile import build_profile
+from ..transfer.linkprobe import measure_link
+from ..core.policy import Policy, RegionSite, TensorSite
+from .profile import build_profile
 
 if TYPE_CHECKING:
-    from .checkpointer import HybridCheckpointer
-    from .hooks import ForwardPass
+    from ..core.hooks import ForwardPass
+    from ..core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def backward_reserve(profile) -> int:
 class AutoPolicy(Policy):
     """The scheduler's plan, one per input-shape signature."""
 
-    def __init__(self, hc: "HybridCheckpointer"):
-        self.hc = hc
+    def __init__(self, runtime: "Runtime"):
+        self.runtime = runtime
         self.plans: dict[str, Plan] = {}
         self.profiles: dict = {}
         self.reserves: dict[str, int] = {}
@@ -65,10 +65,11 @@ class AutoPolicy(Policy):
 
     # -- per forward ---------------------------------------------------------------------------
     def begin_forward(self, forward: "ForwardPass") -> None:
+        rt = self.runtime
         if self._link is None:  # before the first profile, so its filters use the final threshold
-            self._link = measure_link(self.hc.backend, self.hc.host_pool, device_budget=self.hc.device_budget)
-            if self.hc._derive_threshold:  # Rule 6: the byte threshold comes from the measured link
-                self.hc.min_offload_bytes = self._link.min_offload_bytes()
+            self._link = measure_link(rt.backend, rt.pool, device_budget=rt.settings.device_budget)
+            if rt.settings.derive_threshold:  # Rule 6: the byte threshold comes from the measured link
+                rt.settings.min_offload_bytes = self._link.min_offload_bytes()
         self._finish_pending()
         self._signature = ""
         self._plan = None
@@ -111,12 +112,12 @@ class AutoPolicy(Policy):
         if not timeline.backward or any(end is None for _, end in timeline.backward):
             return  # its backward has not run yet
         self._pending = None
-        hc = self.hc
-        hc.backend.settle()
-        profile = build_profile(forward, timeline.resolve(hc.backend), self._link, signature)
-        budget = hc.device_budget if hc.device_budget is not None else hc._default_device_budget()
+        rt = self.runtime
+        rt.backend.settle()
+        profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature)
+        budget = rt.device_budget()
         reserve = min(backward_reserve(profile), budget // 2)
-        plan = make_plan(profile, budget - reserve, hc.host_budget, keep_last=hc.keep_last)
+        plan = make_plan(profile, budget - reserve, rt.settings.host_budget, keep_last=rt.settings.keep_last)
         for note in plan.notes:
             (log.warning if "infeasible" in note else log.info)("auto plan: %s", note)
         if len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
@@ -125,7 +126,7 @@ class AutoPolicy(Policy):
                 table.pop(oldest, None)
         self.profiles[signature] = profile
         self.plans[signature] = plan
-        hc.host_pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
+        rt.pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
         self.reserves[signature] = reserve
         log.info("auto plan for %s: %s; predicted step %.2f ms, peak %.1f MiB (budget %.1f MiB, "
                  "%.1f MiB of it reserved for backward)", signature or "(no inputs)", _mix(plan),
@@ -151,6 +152,9 @@ class AutoPolicy(Policy):
 
     def lookahead(self) -> int:
         return self._plan.lookahead if self._plan is not None else 2
+
+    def current_plan(self) -> Plan | None:
+        return self._plan
 
     def prediction(self) -> dict | None:
         plan = self._plan

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import OffloadError
+from ..core.errors import OffloadError
 from .timeline import ResolvedTimeline
 
 _COLORS = {"forward": "#4C72B0", "backward": "#55A868", "recompute": "#C44E52", "stall": "#000000",

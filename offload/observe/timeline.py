@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .transfer import CopyEvent, TransferBackend
+from ..transfer.backend import CopyEvent, TransferBackend
 
 Interval = tuple[float, float]
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
-from .errors import OffloadError
+from ..core.errors import OffloadError
 
 logger = logging.getLogger(__name__)
 

@@ -65,6 +65,10 @@ class Policy:
         """What the plan predicted for this step (policy="auto"), for the report."""
         return None
 
+    def current_plan(self):
+        """The scheduler's `Plan` the last forward ran (policy="auto"); None otherwise."""
+        return None
+
     def model_inputs(self, args: tuple, kwargs: dict) -> None:
         """The model was called with these inputs (before any of its tensors were saved)."""
 

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .timeline import Timeline
-from .transfer import CopyEvent
+from ..transfer.backend import CopyEvent
 
 
 @dataclass

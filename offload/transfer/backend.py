@@ -1,7 +1,7 @@
 """The transfer backend contract: how bytes move between the device and pinned host memory.
 
-Two backends implement it: `CudaBackend` (side streams and events, offload/cudastreams.py) and
-`EmulatedBackend` (worker threads and futures on the CPU, offload/emulated.py). Everything above
+Two backends implement it: `CudaBackend` (side streams and events, offload/transfer/cuda.py) and
+`EmulatedBackend` (worker threads and futures on the CPU, offload/transfer/emulated.py). Everything above
 this layer (host pool, handles, prefetch, recompute) is written once against it.
 
 Rule 2 (stream discipline) lives in the backends; the handles only follow the protocol below:

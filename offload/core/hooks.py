@@ -29,8 +29,8 @@ from .recompute import RecomputeFrame, is_kv_cache
 from .selective import OpStore, SaveOps
 
 if TYPE_CHECKING:
-    from .checkpointer import HybridCheckpointer
     from .regions import Region
+    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,12 @@ def storage_key(t: torch.Tensor) -> StorageWeakRef:
 class ForwardPass:
     """Everything one `with hc:` forward owns; its hooks close over it."""
 
-    def __init__(self, hc: "HybridCheckpointer", param_storages: set[int]):
-        self.hc = hc
-        self.backend = hc._backend
-        self.device = hc._backend.device
-        self.stats = hc._stats
+    def __init__(self, runtime: "Runtime", param_storages: set[int]):
+        self.rt = runtime
+        self.settings = runtime.settings
+        self.backend = runtime.backend
+        self.device = runtime.device
+        self.stats = runtime.stats
         # StorageImpl addresses of the model's parameters and buffers. The model holds these
         # storages for the whole forward, so no activation can be allocated at one of these
         # addresses meanwhile; Rule 4's warning is about pointer keys that outlive their storage.
@@ -89,13 +90,13 @@ class ForwardPass:
     # -- segments ------------------------------------------------------------------------------------
     def _tail_from(self) -> int:
         """Region-call index from which calls count as the tail (kept resident)."""
-        expected = self.hc._expected_calls or len(self.hc.regions)
-        return expected - self.hc.keep_last
+        expected = self.rt.expected_calls or len(self.settings.regions)
+        return expected - self.settings.keep_last
 
     def _open_gap(self) -> None:
         idx = len(self.segments)
-        tail = bool(self.hc.regions) and self.region_calls > self._tail_from()
-        plan = self.hc._policy.gap(idx, tail)
+        tail = bool(self.settings.regions) and self.region_calls > self._tail_from()
+        plan = self.rt.policy.gap(idx, tail)
         name = f"(after {self.segments[-1].name})" if self.segments else "(before regions)"
         seg = Segment(idx, name, plan)
         seg.forward_start = self.backend.mark()
@@ -104,7 +105,7 @@ class ForwardPass:
         self.segments.append(seg)
 
     def enter_region(self, region: "Region", args: tuple, kwargs: dict) -> None:
-        if self.hc._replay_guard.depth:
+        if self.rt.replay_guard.depth:
             return
         self.depth += 1
         if self.depth > 1:
@@ -117,7 +118,7 @@ class ForwardPass:
         call = self.region_calls
         site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
         idx = len(self.segments)
-        plan = self.hc._policy.region(site, idx)
+        plan = self.rt.policy.region(site, idx)
         nth = self._calls_of.get(id(region.module), 0)
         self._calls_of[id(region.module)] = nth + 1
         seg = Segment(idx, region.name if nth == 0 else f"{region.name}#{nth}", plan, site)
@@ -125,8 +126,8 @@ class ForwardPass:
         self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        if not self.hc._warned_cache and any(is_kv_cache(x) for x in leaves):
-            self.hc._warned_cache = True
+        if not self.rt.warned_cache and any(is_kv_cache(x) for x in leaves):
+            self.rt.warned_cache = True
             log.warning("HybridCheckpointer: %s was called with a KV cache during training "
                         "(Hugging Face use_cache=True): the cache keeps every layer's keys and values "
                         "alive until the step ends. Pass use_cache=False when training; recompute "
@@ -137,17 +138,17 @@ class ForwardPass:
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
                 seg.name, region.module.forward, args, kwargs, self.device,
-                pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.hc._replay_guard,
+                pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.rt.replay_guard,
                 on_replay=self.stats.add_replay, mark=self.backend.mark)
-            if self.hc.op_policy is not None:
+            if self.settings.op_policy is not None:
                 seg.frame.store = OpStore()
-                seg.mode = SaveOps(self.hc.op_policy, seg.frame.store,
+                seg.mode = SaveOps(self.settings.op_policy, seg.frame.store,
                                    offload=lambda t, _s=seg: self._offload_output(t, _s),
                                    keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"))
                 seg.mode.__enter__()
 
     def exit_region(self, region: "Region", output) -> None:
-        if self.hc._replay_guard.depth:
+        if self.rt.replay_guard.depth:
             return
         self.depth -= 1
         if self.depth > 0:
@@ -176,9 +177,9 @@ class ForwardPass:
         self.depth = 0
         self._current().forward_end = self.backend.mark()
         if not failed:  # a forward cut short must not shrink the next one's idea of the tail
-            self.hc._expected_calls = self.region_calls
-        self.lookahead = self.hc._lookahead_segments()  # Rule 8: this forward's, not the latest
-        self.hc._settle_copies()
+            self.rt.expected_calls = self.region_calls
+        self.lookahead = self.rt.lookahead_segments()  # Rule 8: this forward's, not the latest
+        self.rt.settle_copies()
         self.records = [TensorRecord(*entry) for entry in self._seen.values()]
         self._seen.clear()
         self._counted.clear()
@@ -196,7 +197,7 @@ class ForwardPass:
     # -- pack --------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
         self.backend.poll()
-        self.hc._settle_copies()
+        self.rt.settle_copies()
         k = self.pack_index
         self.pack_index += 1
         seg = self._current()
@@ -221,8 +222,8 @@ class ForwardPass:
         return KeepHandle(t, seg.name)
 
     def unpack(self, handle) -> torch.Tensor:
-        self.hc._note_backward(self.stats)
-        self.hc._settle_copies()
+        self.rt.note_backward(self.stats)
+        self.rt.settle_copies()
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
@@ -252,7 +253,7 @@ class ForwardPass:
     def _already_moved(self, t: torch.Tensor, key: StorageWeakRef, seg: Segment) -> OffloadHandle | None:
         """Rule 4: a storage already copied to the host is not also held on the device; the
         latest segment that saves it prefetches it too."""
-        copies = self.hc._copies
+        copies = self.rt.copies
         copy = copies.get((key, t._version)) if copies else None
         if copy is None:
             return None
@@ -261,7 +262,7 @@ class ForwardPass:
         return OffloadHandle(copy, t, seg.name)
 
     def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
-        policy = self.hc._policy
+        policy = self.rt.policy
         if seg.plan.action is not Action.OFFLOAD and not policy.per_tensor:
             return False
         if not self._offloadable(t):
@@ -271,20 +272,19 @@ class ForwardPass:
 
     def _offload(self, t: torch.Tensor, seg: Segment, key: StorageWeakRef) -> OffloadHandle | None:
         nbytes = t.untyped_storage().nbytes()
-        blocks = self.hc._pool.alloc(nbytes)
+        blocks = self.rt.pool.alloc(nbytes)
         if blocks is None:  # Rule 3: the pool is full; keep it and say so
             self.stats.add_fallback(nbytes)
             return None
         try:
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
         except BaseException:  # Rule 9: the blocks go back (past this point HostCopy owns them)
-            self.hc._pool.free(blocks, after=[])
+            self.rt.pool.free(blocks, after=[])
             raise
-        copy = HostCopy(self.hc._pool, self.backend, blocks, t, src, self.stats,
+        copy = HostCopy(self.rt.pool, self.backend, blocks, t, src, self.stats,
                         label=f"{seg.name}:{self.pack_index - 1}")
         del src
-        self.hc._copies[(key, t._version)] = copy  # Rule 4: keyed on the storage, never a pointer
-        self.hc._unsettled.append(weakref.ref(copy))
+        self.rt.register_copy(key, t._version, copy)  # Rule 4: keyed on the storage, never a pointer
         seg.copies.append(weakref.ref(copy))
         self._count(key, t, seg, "offloaded")
         return OffloadHandle(copy, t, seg.name)
@@ -299,7 +299,7 @@ class ForwardPass:
     def _offloadable(self, t: torch.Tensor) -> bool:
         return (type(t) in _PLAIN and t.device == self.device and t.layout == torch.strided
                 and not t.is_conj() and not t.is_neg()
-                and t.untyped_storage().nbytes() >= self.hc.min_offload_bytes)
+                and t.untyped_storage().nbytes() >= self.settings.min_offload_bytes)
 
     # -- accounting --------------------------------------------------------------------------------
     def _record(self, k: int, t: torch.Tensor, seg: Segment, key: StorageWeakRef, param: bool) -> bool:
@@ -332,10 +332,10 @@ class ForwardPass:
         """Backward is about to enter region segment `seg_index`: issue the reloads of every segment
         down to `seg_index - d` (d in segments; a region call and the gap after it are two), in
         reverse pack order. Rule 2: each reload still waits for its own D2H event."""
-        self.hc._note_backward(self.stats)
+        self.rt.note_backward(self.stats)
         seg = self.segments[seg_index]
         self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
-        self.hc._settle_copies()
+        self.rt.settle_copies()
         d = self.lookahead
         if d <= 0:
             return

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import OffloadError
 from .handles import SlotHandle
-from .ranges import op_range
+from ..observe.ranges import op_range
 from .selective import ReplayOps
 
 

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .checkpointer import HybridCheckpointer
+    from ..core.runtime import Runtime
+    from .monitor import Monitor
     from .stats import StepStats
     from .timeline import ResolvedTimeline
 
@@ -76,9 +77,11 @@ class Report:
     _samples: list = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
-    def build(cls, hc: "HybridCheckpointer", s: "StepStats") -> "Report":
-        hc.backend.settle()
-        tl = s.timeline.resolve(hc.backend)
+    def build(cls, rt: "Runtime", s: "StepStats", monitor_: "Monitor | None" = None) -> "Report":
+        """The report of step `s` of runtime `rt` (with `monitor_`'s samples over the step, if any)."""
+        backend = rt.backend
+        backend.settle()
+        tl = s.timeline.resolve(backend)
         fwd = [sp for sp in tl.of("compute", "forward")]
         bwd_end = max((e for _, e in tl.backward), default=None)
         start = min((sp.start for sp in fwd), default=None)
@@ -94,17 +97,17 @@ class Report:
                      forward_s=fwd_by_seg.get(b.name), backward_s=bwd_by_seg.get(b.name))
                 for i, b in sorted(s.segments.items())]
         d2h_busy, h2d_busy = tl.busy_s("d2h"), tl.busy_s("h2d")
-        params, grads = _param_and_grad_bytes(hc.model)
+        params, grads = _param_and_grad_bytes(rt.settings.model)
         samples, monitor = [], None
-        if hc.monitor is not None:
+        if monitor_ is not None:
             from .monitor import summarize
             lo, hi = tl.bounds if tl.bounds else (float("-inf"), float("inf"))
-            samples = [x for x in hc.monitor.samples if lo <= x.time_s <= hi]
+            samples = [x for x in monitor_.samples if lo <= x.time_s <= hi]
             monitor = summarize(samples) if samples else {"samples": 0}
-            monitor["nvml_available"] = hc.monitor.nvml_available
-            monitor["nvml_reason"] = hc.monitor.nvml_reason
+            monitor["nvml_available"] = monitor_.nvml_available
+            monitor["nvml_reason"] = monitor_.nvml_reason
         return cls(
-            step=s.step, policy=str(hc.policy_name), backend=hc.backend.name, forwards=s.forwards,
+            step=s.step, policy=str(rt.settings.policy_name), backend=backend.name, forwards=s.forwards,
             kept_bytes=s.kept_bytes, offloaded_bytes=s.offloaded_bytes, recomputed_bytes=s.recomputed_bytes,
             fallback_count=s.fallback_count, fallback_bytes=s.fallback_bytes,
             step_s=step_s, forward_s=sum(sp.end - sp.start for sp in fwd),
@@ -115,9 +118,9 @@ class Report:
             h2d_gbps=tl.bytes("h2d") / h2d_busy / 1e9 if h2d_busy > 0 else None,
             overlap_fraction=tl.overlap_fraction(), stall_s=tl.stall_s(),
             prefetch_hits=s.prefetch_hits, prefetch_misses=s.prefetch_misses,
-            host_budget=hc.host_budget, host_reserved=hc.host_pool.reserved, host_in_use=s.host_in_use,
+            host_budget=rt.settings.host_budget, host_reserved=rt.pool.reserved, host_in_use=s.host_in_use,
             host_high_water=s.host_high_water, param_bytes=params, grad_bytes=grads, segments=segs,
-            predicted=hc._policy.prediction(), monitor=monitor, _timeline=tl, _samples=samples)
+            predicted=rt.policy.prediction(), monitor=monitor, _timeline=tl, _samples=samples)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .hostpool import HostPool
-from .transfer import TransferBackend
+from .backend import TransferBackend
 
 log = logging.getLogger(__name__)
 

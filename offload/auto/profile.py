@@ -5,11 +5,11 @@ from typing import TYPE_CHECKING
 
 from scheduler.profile import Profile, SegmentRecord
 
-from .bandwidth import Link
-from .timeline import ResolvedTimeline
+from ..transfer.linkprobe import Link
+from ..observe.timeline import ResolvedTimeline
 
 if TYPE_CHECKING:
-    from .hooks import ForwardPass
+    from ..core.hooks import ForwardPass
 
 
 def build_profile(fp: "ForwardPass", tl: ResolvedTimeline, link: Link, signature: str) -> Profile:
