@@ -19,6 +19,7 @@ from .transfer.hostpool import HostPool
 from .observe.monitor import Monitor
 from .observe.peakmem import PeakMemory
 from .core.policy import RegionSite, TensorSite
+from .core.verify import Verify
 from .observe.report import Report
 from .transfer.backend import TransferBackend
 
@@ -26,7 +27,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     # the runtime
-    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError",
+    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError", "Verify",
     # what it reports
     "Report", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups

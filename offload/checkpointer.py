@@ -15,6 +15,7 @@ from .core.hooks import ForwardPass
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
 from .core.regions import Region, RegionHooks, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
+from .core.verify import OpNames, Verifier, Verify, resolve_verify
 from .observe.hostmem import available_host_bytes
 from .observe.report import Report
 from .observe.stats import StepStats
@@ -61,6 +62,11 @@ class HybridCheckpointer:
             saved op outputs are reused by the replay, CPU_OFFLOAD ones go through our pool.
         monitor: an `offload.Monitor` whose NVML/psutil samples the report and trace include,
             or True to start one on the first forward (stopped by `close()`).
+        verify: True compares every reloaded or recomputed tensor with a reference taken when it
+            was saved and counts mismatches in `report().verify`; "strict" raises `OffloadError`
+            at the first one; an `offload.Verify` sets the tolerance for recomputed tensors and
+            the host bytes of reference copies (checksums beyond). A debugging mode: it copies
+            each such tensor to the host at save and at unpack.
 
     Memory guarantee (fixed policies): saved activations on the device are at most
     kept + in-flight D2H + reloaded-and-not-yet-released + one recomputed region; pinned host
@@ -72,7 +78,8 @@ class HybridCheckpointer:
                  regions: Union[str, Sequence[nn.Module], None] = "auto",
                  backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
                  lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20,
-                 monitor: "Monitor | bool" = False, op_policy: Callable | None = None):
+                 monitor: "Monitor | bool" = False, op_policy: Callable | None = None,
+                 verify: "bool | str | Verify" = False):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
         if op_policy is not None and not callable(op_policy):
@@ -97,7 +104,7 @@ class HybridCheckpointer:
             model=model, regions=resolved, device_budget=device_budget, host_budget=host_budget,
             min_offload_bytes=backend.default_min_offload_bytes if min_offload_bytes is None else min_offload_bytes,
             derive_threshold=min_offload_bytes is None, keep_last=keep_last, lookahead=lookahead,
-            op_policy=op_policy,
+            op_policy=op_policy, verify=resolve_verify(verify),
             policy_name=(policy if isinstance(policy, str) else policy.value if isinstance(policy, Action)
                          else getattr(policy, "__name__", "callable")))
         self._runtime = Runtime(settings, backend, HostPool(backend, host_budget, slab_bytes))
@@ -133,18 +140,24 @@ class HybridCheckpointer:
             region_hooks.add(self.model.register_forward_pre_hook(
                 lambda mod, args, kwargs: rt.policy.model_inputs(args, kwargs), with_kwargs=True))
         saved_hooks = torch.autograd.graph.saved_tensors_hooks(fp.pack, fp.unpack)
+        op_names = OpNames() if rt.settings.verify is not None else None
         try:
             saved_hooks.__enter__()
+            if op_names is not None:
+                fp.verifier = Verifier(rt.settings.verify, rt.stats.verify, op_names)
+                op_names.__enter__()
         except BaseException:
             region_hooks.remove()
             raise
         self._active = fp
-        self._region_hooks, self._saved_hooks = region_hooks, saved_hooks
+        self._region_hooks, self._saved_hooks, self._op_names = region_hooks, saved_hooks, op_names
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         fp, rt = self._active, self._runtime
         try:  # Rule 9: whatever happened in forward, the hooks come off and the state closes
+            if self._op_names is not None:
+                self._op_names.__exit__(exc_type, exc, tb)
             self._saved_hooks.__exit__(exc_type, exc, tb)
         finally:
             self._region_hooks.remove()

@@ -27,6 +27,7 @@ from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
 from .selective import OpStore, SaveOps
+from .verify import Verifier
 
 if TYPE_CHECKING:
     from .regions import Region
@@ -80,6 +81,7 @@ class ForwardPass:
         self.records: list[TensorRecord] = []
         self.input_bytes: dict[int, int] = {}  # region segment -> bytes of its tensor inputs
         self.lookahead = 0  # segments ahead for prefetch, fixed when the forward closes
+        self.verifier: Verifier | None = None  # verify mode: references taken at pack
 
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
@@ -196,6 +198,14 @@ class ForwardPass:
 
     # -- pack --------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
+        handle = self._pack(t)
+        if self.verifier is not None and not isinstance(handle, KeepHandle):
+            seg = self.segments[-1]
+            action = "recomputed" if seg.frame is not None else "offloaded"
+            handle = self.verifier.wrap(handle, t, seg.name, self.pack_index - 1, action)
+        return handle
+
+    def _pack(self, t: torch.Tensor):
         self.backend.poll()
         self.rt.settle_copies()
         k = self.pack_index

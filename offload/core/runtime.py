@@ -24,6 +24,7 @@ from ..transfer.hostpool import HostPool
 from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
+from .verify import Verify, VerifyLog
 
 if TYPE_CHECKING:
     from .handles import HostCopy
@@ -47,6 +48,7 @@ class Settings:
     lookahead: int | None  # regions ahead for reloads; None: the policy's choice
     op_policy: Callable | None  # selective recompute inside recomputed regions
     policy_name: str  # what the report prints
+    verify: Verify | None = None  # verify mode: compare what comes back with what was saved
 
 
 class Runtime:
@@ -63,16 +65,22 @@ class Runtime:
         self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.unsettled: collections.deque = collections.deque()  # weakrefs to HostCopy, D2H order
         self.expected_calls = 0  # region calls the last complete forward made
-        self.stats = StepStats(step=0)
+        self.stats = self._new_stats(0)
         self.backward_seen = False
         self.warned_cache = False
 
     # -- steps ---------------------------------------------------------------------------------
     def begin_step(self) -> None:
         """A forward after a backward starts a new step."""
-        self.stats = StepStats(step=self.stats.step + 1)
+        self.stats = self._new_stats(self.stats.step + 1)
         self.pool.reset_high_water()
         self.backward_seen = False
+
+    def _new_stats(self, step: int) -> StepStats:
+        stats = StepStats(step=step)
+        if self.settings.verify is not None:
+            stats.verify = VerifyLog(mode="strict" if self.settings.verify.strict else "on")
+        return stats
 
     def finish_step(self) -> StepStats:
         """The current step's counters, with the pool's figures brought up to date."""

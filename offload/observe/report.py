@@ -71,6 +71,8 @@ class Report:
     segments: list[dict] = field(default_factory=list)
     # the plan, when policy="auto"
     predicted: dict | None = None
+    # verify mode: tensors compared, mismatches, max abs diff, per segment and the first mismatch
+    verify: dict | None = None
     # NVML/psutil, when a Monitor is attached
     monitor: dict | None = None
     _timeline: "ResolvedTimeline | None" = field(default=None, repr=False, compare=False)
@@ -120,7 +122,8 @@ class Report:
             prefetch_hits=s.prefetch_hits, prefetch_misses=s.prefetch_misses,
             host_budget=rt.settings.host_budget, host_reserved=rt.pool.reserved, host_in_use=s.host_in_use,
             host_high_water=s.host_high_water, param_bytes=params, grad_bytes=grads, segments=segs,
-            predicted=rt.policy.prediction(), monitor=monitor, _timeline=tl, _samples=samples)
+            predicted=rt.policy.prediction(), monitor=monitor, _timeline=tl, _samples=samples,
+            verify=s.verify.to_dict() if s.verify is not None else None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -181,6 +184,14 @@ class Report:
             else:
                 rows.append(("NVML", m.get("nvml_reason") or "unavailable"))
             rows.append(("host RSS peak", fmt_bytes(m.get("peak_rss_bytes"))))
+        if self.verify is not None:
+            v = self.verify
+            rows.append(("verify: compared / mismatches", f"{v['compared']} / {v['mismatches']} "
+                                                          f"(max abs diff {v['max_abs_diff']:.3g})"))
+            first = v["first_mismatch"]
+            if first:
+                rows.append(("verify: first mismatch", f"{first['action']} #{first['index']} of {first['segment']}, "
+                                                       f"{first['op']}, max abs diff {first['max_abs_diff']:.3g}"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         shown = [sg for sg in self.segments if sg["kept"] or sg["offloaded"] or sg["recomputed"]]

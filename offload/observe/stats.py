@@ -43,6 +43,7 @@ class StepStats:
     host_high_water: int = 0
     host_in_use: int = 0
     segments: dict[int, SegmentBytes] = field(default_factory=dict)
+    verify: object | None = None  # core.verify.VerifyLog in verify mode
     timeline: Timeline = field(default_factory=Timeline, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
