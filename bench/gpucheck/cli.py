@@ -88,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"gpucheck: {len(args.parts)} parts, budget {args.budget} s, results in {cfg.out}"
           + (" (dry run)" if cfg.dry_run else ""), flush=True)
 
+    meta = dict(started=started.isoformat(timespec="seconds"), seconds=0.0, complete=False, budget_s=args.budget,
+                dry_run=cfg.dry_run, device=cfg.device, device_name=None, host=platform.node(),
+                python=sys.version.split()[0], argv=list(sys.argv[1:] if argv is None else argv),
+                commit=_git_commit(), config=dict(preset=cfg.preset, warmup=cfg.warmup, repeats=cfg.repeats,
+                                                  budgets=list(cfg.budgets), test_timeout_s=cfg.test_timeout_s))
     results: list[PartResult] = []
     no_cuda = False
     for i, part in enumerate(args.parts, 1):
@@ -105,15 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{i}/{len(args.parts)}] {part.name}: {r.status} in {r.seconds:.0f} s: {r.summary}", flush=True)
         if part.name == "smoke" and cfg.on_cuda and r.figures.get("cuda_available") is False and not args.keep_going:
             no_cuda = True
-
-    smoke = next((r for r in results if r.name == "smoke"), None)
-    meta = dict(started=started.isoformat(timespec="seconds"), seconds=time.monotonic() - t0, budget_s=args.budget,
-                dry_run=cfg.dry_run, device=cfg.device,
-                device_name=smoke.figures.get("device_name") if smoke else None, host=platform.node(),
-                python=sys.version.split()[0], argv=list(sys.argv[1:] if argv is None else argv),
-                commit=_git_commit(), config=dict(preset=cfg.preset, warmup=cfg.warmup, repeats=cfg.repeats,
-                                                  budgets=list(cfg.budgets), test_timeout_s=cfg.test_timeout_s))
-    js, md = write(cfg.out, meta, results)
+        meta.update(seconds=time.monotonic() - t0, complete=i == len(args.parts))
+        if part.name == "smoke":
+            meta["device_name"] = r.figures.get("device_name")
+        js, md = write(cfg.out, meta, results)  # after every part: a run killed from outside keeps what it found
     print("\n" + parts_table(results))
     failed = [r for r in results if r.status == FAILED]
     for r in failed:
