@@ -22,7 +22,7 @@ from .config import DEFAULT_BUDGET_S, DEFAULT_BUDGETS, CheckConfig
 from .outcome import FAILED, SKIPPED, PartResult
 from .parts import BY_NAME, PARTS, Part
 from .runner import REPO, run_part
-from .summary import parts_table, write
+from .summary import JSON_NAME, MARKDOWN_NAME, parts_table, write
 
 MIN_CAP_S = 10  # a part is not started with less time than this left in the budget
 
@@ -74,27 +74,23 @@ def _not_run(part: Part, status: str, why: str) -> PartResult:
     return PartResult(part.name, part.load().TITLE, status, why, problems=[f"{part.name} {why}"] if status == FAILED else [])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the check; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    cfg = CheckConfig(out=args.out.resolve(), device=args.device, preset=args.preset, warmup=args.warmup,
-                      repeats=args.repeats, budgets=args.budgets, test_timeout_s=args.test_timeout,
-                      dry_run=args.dry_run)
-    cfg.logs.mkdir(parents=True, exist_ok=True)
-    (cfg.logs / "config.json").write_text(cfg.to_json())
+def _meta(args: argparse.Namespace, cfg: CheckConfig, argv: Sequence[str] | None) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc)
-    t0 = time.monotonic()
-    deadline = t0 + args.budget
-    print(f"gpucheck: {len(args.parts)} parts, budget {args.budget} s, results in {cfg.out}"
-          + (" (dry run)" if cfg.dry_run else ""), flush=True)
-
-    meta = dict(started=started.isoformat(timespec="seconds"), seconds=0.0, complete=False, budget_s=args.budget,
+    return dict(started=started.isoformat(timespec="seconds"), seconds=0.0, complete=False, budget_s=args.budget,
                 dry_run=cfg.dry_run, device=cfg.device, device_name=None, host=platform.node(),
                 python=sys.version.split()[0], argv=list(sys.argv[1:] if argv is None else argv),
                 commit=_git_commit(), config=dict(preset=cfg.preset, warmup=cfg.warmup, repeats=cfg.repeats,
                                                   budgets=list(cfg.budgets), test_timeout_s=cfg.test_timeout_s))
+
+
+def run_parts(args: argparse.Namespace, cfg: CheckConfig, meta: dict) -> list[PartResult]:
+    """Each part in order under min(its cap, what is left of the budget); both files rewritten after
+    every part, so a run killed from outside keeps what it found."""
+    t0 = time.monotonic()
+    deadline = t0 + args.budget
     results: list[PartResult] = []
     no_cuda = False
+    n = len(args.parts)
     for i, part in enumerate(args.parts, 1):
         left = deadline - time.monotonic()
         if no_cuda:
@@ -104,16 +100,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cap = part.cap_s if cfg.dry_run else min(part.cap_s, left)
             if not cfg.dry_run:
-                print(f"[{i}/{len(args.parts)}] {part.name} (cap {cap:.0f} s) ...", flush=True)
+                print(f"[{i}/{n}] {part.name} (cap {cap:.0f} s) ...", flush=True)
             r = run_part(part, cfg, cap)
         results.append(r)
-        print(f"[{i}/{len(args.parts)}] {part.name}: {r.status} in {r.seconds:.0f} s: {r.summary}", flush=True)
-        if part.name == "smoke" and cfg.on_cuda and r.figures.get("cuda_available") is False and not args.keep_going:
-            no_cuda = True
-        meta.update(seconds=time.monotonic() - t0, complete=i == len(args.parts))
+        print(f"[{i}/{n}] {part.name}: {r.status} in {r.seconds:.0f} s: {r.summary}", flush=True)
         if part.name == "smoke":
             meta["device_name"] = r.figures.get("device_name")
-        js, md = write(cfg.out, meta, results)  # after every part: a run killed from outside keeps what it found
+            no_cuda = cfg.on_cuda and r.figures.get("cuda_available") is False and not args.keep_going
+        meta.update(seconds=time.monotonic() - t0, complete=i == n)
+        write(cfg.out, meta, results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the check; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    cfg = CheckConfig(out=args.out.resolve(), device=args.device, preset=args.preset, warmup=args.warmup,
+                      repeats=args.repeats, budgets=args.budgets, test_timeout_s=args.test_timeout,
+                      dry_run=args.dry_run)
+    cfg.logs.mkdir(parents=True, exist_ok=True)
+    (cfg.logs / "config.json").write_text(cfg.to_json())
+    print(f"gpucheck: {len(args.parts)} parts, budget {args.budget} s, results in {cfg.out}"
+          + (" (dry run)" if cfg.dry_run else ""), flush=True)
+    results = run_parts(args, cfg, _meta(args, cfg, argv))
+
     print("\n" + parts_table(results))
     failed = [r for r in results if r.status == FAILED]
     for r in failed:
@@ -121,5 +131,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAILED {r.name}: {p}")
         if r.log:
             print(f"  log: {cfg.out / r.log}")
-    print(f"results: {js}, {md}")
+    print(f"results: {cfg.out / JSON_NAME}, {cfg.out / MARKDOWN_NAME}")
     return 1 if failed else 0

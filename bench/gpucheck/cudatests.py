@@ -19,7 +19,7 @@ _VERBOSE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b(
 
 
 @dataclass
-class TestCounts:
+class PytestCounts:
     """Outcome counts of a pytest run and the names behind the bad ones."""
 
     passed: int = 0
@@ -61,9 +61,9 @@ def plan(cfg: CheckConfig) -> dict:
                 note=None if timeout_plugin() else "pytest-timeout is not installed: only the part's cap applies")
 
 
-def parse_junit(path: Path) -> TestCounts:
+def parse_junit(path: Path) -> PytestCounts:
     """Counts from a junit XML file (xunit1 or xunit2)."""
-    counts = TestCounts()
+    counts = PytestCounts()
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         bad = case.find("failure")
@@ -81,9 +81,9 @@ def parse_junit(path: Path) -> TestCounts:
     return counts
 
 
-def parse_verbose(text: str) -> TestCounts:
+def parse_verbose(text: str) -> PytestCounts:
     """Counts from the `-v` lines pytest printed (`path::test PASSED  [ 5%]`)."""
-    counts = TestCounts()
+    counts = PytestCounts()
     for line in text.splitlines():
         m = _VERBOSE.match(line.strip())
         if not m:

@@ -101,7 +101,8 @@ class SkipsComputeWait(CudaBackend):
         super().__init__(device, **delays)
         self._idle = torch.cuda.Stream(self.device)
 
-    def d2h(self, src, dsts, label=""):
+    def d2h(self, src: torch.Tensor, dsts: Sequence[torch.Tensor], label: str = ""):
+        """`CudaBackend.d2h`, with the idle stream standing in for the compute stream."""
         with torch.cuda.stream(self._idle):
             return super().d2h(src, dsts, label)
 
