@@ -32,9 +32,10 @@ def cuda_or_skip() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-@pytest.fixture(params=["emulated", "cuda"])
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> torch.device:
-    """The compute device for a test: the CPU (emulated backend) always, CUDA when present."""
+    """The compute device for a test: the CPU (emulated backend) always, CUDA when present. The
+    CUDA case carries the `cuda` marker, so `pytest -m cuda` runs it."""
     return cuda_or_skip() if request.param == "cuda" else torch.device("cpu")
 
 

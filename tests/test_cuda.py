@@ -1,31 +1,69 @@
 """CUDA-only checks of the stream rules (Rule 2) and of real device memory. They skip at run time
 without a GPU; run them where one is lent: `python -m pytest tests/test_cuda.py -m cuda`."""
+import dataclasses
+
 import pytest
 import torch
 
 from offload import HybridCheckpointer, PeakMemory
 from offload.transfer.cuda import CudaBackend
 from bench.gpt import GPTConfig, make_batch
+from bench.gpucheck.race import COMPUTE_DELAY_CYCLES, ComputeDelay, SkipsComputeWait
 
 from .conftest import assert_bitwise, cuda_or_skip, settle, tiny_gpt, train, under
 
 pytestmark = pytest.mark.cuda
 
 BIG = GPTConfig(vocab_size=1024, block_size=256, n_layer=6, n_head=8, n_embd=512, dropout=0.0)
+BIG_DROPOUT = dataclasses.replace(BIG, dropout=0.1)  # a replay must redraw the same masks
 
 
 def test_delayed_side_streams_cannot_corrupt_results():
     dev = cuda_or_skip()
-    ref = train(tiny_gpt(dev, BIG), None, batch=8)
-    for policy in ("offload", "recompute"):
-        model = tiny_gpt(dev, BIG)
+    for policy, cfg in (("offload", BIG), ("recompute", BIG_DROPOUT)):
+        ref = train(tiny_gpt(dev, cfg), None, batch=8)  # plain, under the same seeds
+        model = tiny_gpt(dev, cfg)
         backend = CudaBackend(dev, d2h_delay_cycles=5_000_000, h2d_delay_cycles=5_000_000)
         hc = HybridCheckpointer(model, policy=policy, backend=backend, host_budget="2GiB")
         assert_bitwise(ref, train(model, hc, batch=8))
         if policy == "offload":
             assert hc.stats.offloaded_bytes > 0
+        else:
+            assert hc.stats.recomputed_bytes > 0
         settle(hc)
         assert hc.host_pool.in_use == 0
+
+
+def _train_with_compute_delay(dev, policy=None, backend=None):
+    """Seeded steps of the dropout GPT with the compute stream spinning before every Linear (the
+    producers of the offloaded tensors) and before each of their output gradients."""
+    model = tiny_gpt(dev, BIG_DROPOUT)
+    hc = None if policy is None else HybridCheckpointer(model, policy=policy, backend=backend, host_budget="2GiB")
+    with ComputeDelay(model, COMPUTE_DELAY_CYCLES):
+        return train(model, hc, batch=8), hc
+
+
+def test_delayed_compute_stream_cannot_corrupt_results():
+    """Rule 2: a D2H runs after the compute stream's queued work, a reload's destination after
+    the work queued before its allocation. With the compute stream running late, a copy ordered
+    only on the host would read bytes not yet written or overwrite bytes still in use."""
+    dev = cuda_or_skip()
+    ref, _ = _train_with_compute_delay(dev)
+    for policy in ("offload", "recompute"):
+        got, hc = _train_with_compute_delay(dev, policy, CudaBackend(dev))
+        assert_bitwise(ref, got)
+        assert (hc.stats.offloaded_bytes if policy == "offload" else hc.stats.recomputed_bytes) > 0
+
+
+def test_compute_delay_catches_a_d2h_that_skips_the_compute_wait():
+    """The test above can fail: the same delays with a backend whose D2H does not wait for the
+    compute stream give different gradients."""
+    dev = cuda_or_skip()
+    ref, _ = _train_with_compute_delay(dev)
+    got, hc = _train_with_compute_delay(dev, "offload", SkipsComputeWait(dev))
+    assert hc.stats.offloaded_bytes > 0
+    with pytest.raises(AssertionError):
+        assert_bitwise(ref, got)
 
 
 def test_source_reuse_is_guarded_by_record_stream():
@@ -59,6 +97,7 @@ def test_offload_moves_memory_from_device_to_host():
             with hc:
                 _, loss = model(idx, tgt)
             torch.cuda.synchronize(dev)
+            hc._settle_copies()  # finished copies drop their sources (the runtime polls at pack/unpack)
             torch.empty(1, device=dev)  # lets the allocator retire blocks freed under record_stream
             held[policy] = torch.cuda.memory_allocated(dev) - base
             loss.backward()

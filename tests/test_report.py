@@ -102,12 +102,14 @@ def test_our_operations_show_in_the_torch_profiler():
 def test_nvml_pcie_bytes_agree_with_ours():
     from .conftest import cuda_or_skip
     from bench.gpt import GPTConfig
+    from offload.nvml import nvml_status
     dev = cuda_or_skip()
     cfg = GPTConfig(vocab_size=1024, block_size=512, n_layer=8, n_head=8, n_embd=1024, dropout=0.0)
+    nvml_ok, reason = nvml_status()  # a Monitor's nvml_available is False until it starts
+    if not nvml_ok:
+        pytest.skip(reason)
     model = tiny_gpt(dev, cfg)
     mon = Monitor(dev, interval_s=0.01)
-    if not mon.nvml_available:
-        pytest.skip(mon.nvml_reason)
     hc = HybridCheckpointer(model, policy="offload", host_budget="8GiB", monitor=mon)
     with mon:
         train(model, hc, steps=2, batch=16)
