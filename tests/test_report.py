@@ -102,7 +102,7 @@ def test_our_operations_show_in_the_torch_profiler():
 def test_nvml_pcie_bytes_agree_with_ours():
     from .conftest import cuda_or_skip
     from bench.gpt import GPTConfig
-    from offload.nvml import nvml_status
+    from offload.observe.nvml import nvml_status
     dev = cuda_or_skip()
     cfg = GPTConfig(vocab_size=1024, block_size=512, n_layer=8, n_head=8, n_embd=1024, dropout=0.0)
     nvml_ok, reason = nvml_status()  # a Monitor's nvml_available is False until it starts

@@ -26,7 +26,7 @@ MIN_RATIO = 0.5  # ours / torch below this at the same size: our path is broken,
 
 def plan(cfg: CheckConfig) -> dict:
     return dict(sizes_bytes=list(SIZES), repeats=REPEATS, min_ratio=MIN_RATIO,
-                ours="offload.bandwidth.measure_link through a HostPool of 4x the size (CudaBackend side streams)",
+                ours="offload.transfer.linkprobe.measure_link through a HostPool of 4x the size (CudaBackend side streams)",
                 torch="copy_ between a pinned host tensor and a device tensor, CUDA events, best of the repeats")
 
 
@@ -53,7 +53,7 @@ def torch_link(device: torch.device, nbytes: int, repeats: int = REPEATS) -> tup
 
 
 def our_link(device: torch.device, nbytes: int, repeats: int = REPEATS):
-    """The runtime's probe (an `offload.bandwidth.Link`) on a fresh backend and pool."""
+    """The runtime's probe (an `offload.transfer.linkprobe.Link`) on a fresh backend and pool."""
     backend = CudaBackend(device)
     return measure_link(backend, HostPool(backend, budget=4 * nbytes), nbytes=nbytes, repeats=repeats)
 
