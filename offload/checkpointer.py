@@ -265,15 +265,27 @@ def _model_device(model: nn.Module | None, regions: list[Region]) -> torch.devic
 
 
 def _make_backend(backend: "str | TransferBackend", device: torch.device | None) -> TransferBackend:
-    """The transfer backend named by the user ("auto": CUDA when the model is on a GPU)."""
+    """The transfer backend named by the user ("auto": CUDA when the model is on a GPU), checked
+    against the device the model's parameters are on."""
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise OffloadError(f"HybridCheckpointer(model=...): the model's parameters are on {device}; the runtime "
+                           f"runs on 'cuda' (or the CPU emulation). Materialise the model first, e.g. "
+                           f"model.to_empty(device='cuda') and load its weights, then build the checkpointer")
     if isinstance(backend, TransferBackend):
-        return backend
-    if backend == "emulated":
-        return EmulatedBackend()
-    if backend not in ("auto", "cuda"):
+        out = backend
+    elif backend == "emulated" or (backend == "auto" and (device is None or device.type != "cuda")):
+        out = EmulatedBackend()
+    elif backend in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            raise OffloadError(f"HybridCheckpointer(backend={backend!r}): CUDA is not available here (the model "
+                               f"is on {device or 'no device'}); use backend='auto' or 'emulated' to run on the CPU")
+        from .transfer.cuda import CudaBackend
+        out = CudaBackend(device if device is not None and device.type == "cuda" else None)
+    else:
         raise ValueError(f"HybridCheckpointer(backend={backend!r}): use 'auto', 'cuda', 'emulated' or a "
                          f"TransferBackend instance")
-    if backend == "cuda" or (device is not None and device.type == "cuda"):
-        from .transfer.cuda import CudaBackend
-        return CudaBackend(device if device is not None and device.type == "cuda" else None)
-    return EmulatedBackend()
+    if device is not None and device != out.device:
+        raise OffloadError(f"HybridCheckpointer(backend={backend!r}): the model is on {device} but the backend "
+                           f"runs on {out.device}, so nothing could be moved; move the model there first, or use "
+                           f"backend='auto'")
+    return out
