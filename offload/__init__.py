@@ -14,7 +14,7 @@ from scheduler.plan import Action
 
 from .checkpointer import HybridCheckpointer
 from .transfer.emulated import EmulatedBackend
-from .core.errors import OffloadError
+from .core.errors import OffloadError, OffloadWarning
 from .transfer.hostpool import HostPool
 from .observe.monitor import Monitor
 from .observe.peakmem import PeakMemory
@@ -26,7 +26,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     # the runtime
-    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError",
+    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError", "OffloadWarning",
     # what it reports
     "Report", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups

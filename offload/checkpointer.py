@@ -10,7 +10,7 @@ from torch import nn
 from scheduler.plan import Action
 
 from .core.budget import Budget, local_world_size, parse_budget
-from .core.errors import OffloadError
+from .core.errors import OffloadError, warn
 from .core.hooks import ForwardPass
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
 from .core.regions import Region, RegionHooks, resolve_regions
@@ -160,10 +160,10 @@ class HybridCheckpointer:
         if self._warned_hf or not _hf_checkpointing(self.model):
             return
         self._warned_hf = True
-        log.warning("HybridCheckpointer: the model has Hugging Face gradient_checkpointing enabled; it "
-                    "recomputes every layer itself, so the runtime sees no tensors inside the layers and "
-                    "policy=%r has no effect there. Call model.gradient_checkpointing_disable() to let "
-                    "the runtime decide.", self.policy_name)
+        warn(f"HybridCheckpointer: the model has Hugging Face gradient_checkpointing enabled; it recomputes "
+             f"every layer itself, so the runtime sees no tensors inside the layers and policy="
+             f"{self.policy_name!r} has no effect there. Call model.gradient_checkpointing_disable() (or "
+             f"leave TrainingArguments(gradient_checkpointing=False)) to let the runtime decide.")
 
     # -- public ----------------------------------------------------------------------------------
     @property

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .errors import warn
+
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +58,9 @@ def resolve_regions(model: nn.Module | None, regions) -> list[Region]:
             return []
         found = find_regions(model)
         if not found:
-            log.warning("regions='auto' found no repeated blocks in %s; recompute is off",
-                        type(model).__name__)
+            warn(f"HybridCheckpointer(regions='auto'): found no repeated blocks in {type(model).__name__}, so "
+                 f"nothing can be recomputed (keep/offload per tensor only); pass regions=[...] (modules, "
+                 f"a module list's name, or a block class) to recompute")
         return found
     if isinstance(regions, nn.Module) or not isinstance(regions, Sequence):
         raise TypeError(f"HybridCheckpointer(regions=...): expected 'auto', a list of nn.Module, or None; "
