@@ -183,7 +183,7 @@ def run_main_section(run: Run) -> None:
     if plot_frontier(rows, png, title):
         run.printer.line(f"frontier plot: {png}")
     else:
-        run.printer.line("frontier plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        run.printer.line("frontier plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
 
 
 def run_maxfit_section(run: Run, cap: int) -> None:

@@ -24,6 +24,8 @@ from .transfer.backend import TransferBackend
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+__version__ = "0.1.0"  # the one source: pyproject.toml reads it
+
 __all__ = [
     # the runtime
     "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError", "OffloadWarning",
