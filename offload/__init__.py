@@ -13,6 +13,7 @@ import logging
 from scheduler.plan import Action
 
 from .checkpointer import HybridCheckpointer
+from .core.attach import Attachment
 from .transfer.emulated import EmulatedBackend
 from .core.errors import OffloadError, OffloadWarning
 from .transfer.hostpool import HostPool
@@ -28,7 +29,7 @@ __version__ = "0.1.0"  # the one source: pyproject.toml reads it
 
 __all__ = [
     # the runtime
-    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError", "OffloadWarning",
+    "HybridCheckpointer", "Attachment", "Action", "RegionSite", "TensorSite", "OffloadError", "OffloadWarning",
     # what it reports
     "Report", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups

@@ -31,6 +31,7 @@ class Attachment:
         self.module = module
         self._enter, self._exit, self._active = enter, exit, active
         self._frame: FrameType | None = None  # the frame that ran our pre-hook, while its call is open
+        self.forwards = 0  # calls run under the runtime so far
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
                          module.register_forward_hook(self._post, always_call=True)]
 
@@ -44,6 +45,7 @@ class Attachment:
             return
         self._enter(args, kwargs)
         self._frame = caller
+        self.forwards += 1
 
     def _post(self, module: nn.Module, args: tuple, output) -> None:
         frame = self._frame
