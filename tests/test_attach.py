@@ -10,7 +10,7 @@ from torch import nn
 from bench.gpt import make_batch
 from offload import HybridCheckpointer, OffloadError
 
-from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, mixed, tiny_gpt, train
+from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, make_backend, mixed, tiny_gpt, train
 
 
 def checkpointer(model, policy=mixed, **kw) -> HybridCheckpointer:
@@ -27,13 +27,14 @@ def reference():
     return train(tiny_gpt(), None, steps=3)
 
 
-def test_attached_training_is_bitwise_equal_and_moves_bytes(reference):
-    model = tiny_gpt()
-    hc = checkpointer(model)
+def test_attached_training_is_bitwise_equal_and_moves_bytes(device):
+    ref = train(tiny_gpt(device), None, steps=3)
+    model = tiny_gpt(device)
+    hc = checkpointer(model, backend=make_backend(device))
     handle = hc.attach(model)
     got = train(model, None, steps=3)  # the loop never mentions hc
     handle.remove()
-    assert_bitwise(reference, got)
+    assert_bitwise(ref, got)
     s = hc.stats
     assert s.forwards == 1 and s.replays == 2 and s.offloaded_bytes > 0 and s.recomputed_bytes > 0
     assert hc.report().offloaded_bytes > 0
