@@ -60,6 +60,30 @@ def test_a_sequential_with_named_children_keeps_their_names():
     assert regions_of(model, model.body) == ["body.first", "body.second"]
 
 
+def test_auto_takes_further_stacks_only_when_they_are_not_dwarfed_or_nested():
+    class Model(nn.Module):
+        def __init__(self, small: int):
+            super().__init__()
+            self.body = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+            self.head = nn.ModuleList(nn.Linear(small, small) for _ in range(2))
+            self.acts = nn.ModuleList(nn.ReLU() for _ in range(3))
+
+    assert [r.name for r in HybridCheckpointer(Model(8), policy="keep", host_budget="1MiB").regions] == \
+        [f"body.{i}" for i in range(4)]  # 2 x 72 parameters next to 4 x 4160: a head, not a stack
+    assert [r.name for r in HybridCheckpointer(Model(64), policy="keep", host_budget="1MiB").regions] == \
+        [f"body.{i}" for i in range(4)] + ["head.0", "head.1"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.ModuleList(nn.Linear(64, 64) for _ in range(2))
+
+    nested = nn.Module()
+    nested.body = nn.ModuleList(Block() for _ in range(4))  # each inner list: 25% of body, but inside it
+    assert [r.name for r in HybridCheckpointer(nested, policy="keep", host_budget="1MiB").regions] == \
+        [f"body.{i}" for i in range(4)]
+
+
 def test_a_module_dict_gives_its_modules():
     model = tiny_gpt()
     blocks = nn.ModuleDict({str(i): b for i, b in enumerate(model.transformer.h)})

@@ -54,7 +54,7 @@ def find_regions(model: nn.Module) -> list[Region]:
                      for i, (name, mod) in enumerate(_stacks(model))), reverse=True)
     taken: list[tuple[int, str, nn.Module]] = []
     for params, _, neg_order, name, mod in scored:
-        if taken and params < STACK_SHARE * scored[0][0]:
+        if taken and params < max(STACK_SHARE * scored[0][0], 1):
             break
         if any(_nested(name, other) for _, other, _ in taken):
             continue
