@@ -231,3 +231,14 @@ def test_a_with_block_that_never_calls_the_model_is_refused_but_attach_is_not():
     with hc.attach(model.lm_head):  # a part of the model, attached: its forwards are the model's
         model.lm_head(x).sum().backward()
     assert hc.stats.forwards == 2
+
+
+def test_two_attachments_on_a_model_and_its_part_enter_once(reference):
+    model = tiny_gpt()
+    hc = checkpointer(model)
+    with hc.attach(model), hc.attach(model.transformer.h[0]) as inner:
+        got = train(model, None, steps=3)
+    assert_bitwise(reference, got)
+    assert hc.stats.forwards == 1 and hc.stats.replays == 2
+    assert inner.forwards == 0  # always inside the model's forward, where the runtime is active
+    hc.close()
