@@ -292,7 +292,8 @@ def test_default_kv_cache_in_training_warns_once():
     assert len(hits) == 1 and "use_cache=False" in str(hits[0].message), [str(w.message) for w in caught]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(build("llama"), checkpointer(build("llama"), "keep"), steps=1, use_cache=False)
+        plain = build("llama")
+        train(plain, checkpointer(plain, "keep"), steps=1, use_cache=False)
     assert not [w for w in caught if "KV cache" in str(w.message)]
 
 
