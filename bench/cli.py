@@ -64,6 +64,18 @@ _positive = _int_at_least(1)
 _non_negative = _int_at_least(0)
 
 
+def _device(text: str) -> torch.device:
+    """An argparse type: 'cpu', 'cuda' or 'cuda:N', as a torch.device."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device {text!r}: not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device {text!r}: the bench runs on 'cpu' or 'cuda' ('cuda:N'), "
+                                         f"not {device.type}")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m bench`."""
     presets = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
@@ -74,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Presets: {presets}.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="workload (default: 'cpu' on the CPU, 'gpu-small' on CUDA; 'quick' with --quick)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="compute device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true",
                    help="a few-second run: the tiny preset (unless --preset), 1 warm-up and 1 timed round")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and "
@@ -183,7 +195,7 @@ def run_main_section(run: Run) -> None:
     if plot_frontier(rows, png, title):
         run.printer.line(f"frontier plot: {png}")
     else:
-        run.printer.line("frontier plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        run.printer.line("frontier plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
 
 
 def run_maxfit_section(run: Run, cap: int) -> None:
@@ -220,9 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; returns the exit status (0 ok, 1 a correctness check failed, 2 bad usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        parser.error(f"--device {str(device)!r}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {str(device)!r}: there are {torch.cuda.device_count()} CUDA devices here "
+                     f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     cap = None
     if args.max_fit is not None:
         try:

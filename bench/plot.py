@@ -24,7 +24,7 @@ def plot_frontier(results: Sequence[ContenderResult], path: Path, title: str) ->
     fixed policies circles); the auto budget sweep a connected line, labelled by budget.
     Returns False (and logs why) when matplotlib is missing."""
     if not matplotlib_available():
-        log.info("matplotlib is not installed (pip install -e '.[bench]'): no PNG written")
+        log.info("matplotlib is not installed (pip install -e '.[plot]'): no PNG written")
         return False
     import matplotlib
     matplotlib.use("Agg")

@@ -13,8 +13,9 @@ import logging
 from scheduler.plan import Action
 
 from .checkpointer import HybridCheckpointer
+from .core.attach import Attachment
 from .transfer.emulated import EmulatedBackend
-from .core.errors import OffloadError
+from .core.errors import OffloadError, OffloadWarning
 from .transfer.hostpool import HostPool
 from .observe.monitor import Monitor
 from .observe.peakmem import PeakMemory
@@ -25,9 +26,12 @@ from .transfer.backend import TransferBackend
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+__version__ = "0.1.0"  # the one source: pyproject.toml reads it
+
 __all__ = [
     # the runtime
-    "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError", "Verify",
+    "HybridCheckpointer", "Attachment", "Action", "RegionSite", "TensorSite", "OffloadError", "OffloadWarning",
+    "Verify",
     # what it reports
     "Report", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups

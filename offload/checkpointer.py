@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 from torch import nn
 
 from scheduler.plan import Action
 
+from .core.attach import Attachment
 from .core.budget import Budget, local_world_size, parse_budget
-from .core.errors import OffloadError
+from .core.errors import OffloadError, warn
 from .core.hooks import ForwardPass
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
-from .core.regions import Region, RegionHooks, resolve_regions
+from .core.regions import Region, RegionHooks, RegionsArg, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
 from .core.verify import OpNames, Verifier, Verify, resolve_verify
 from .observe.hostmem import available_host_bytes
@@ -46,8 +47,11 @@ class HybridCheckpointer:
         host_budget: pinned host bytes the runtime may hold, same forms ("40%" of available
             host memory). None: half the available host memory (cgroup-aware), divided among
             the ranks on this host (LOCAL_WORLD_SIZE). Offloads beyond it fall back to keep.
-        regions: "auto" (the repeated blocks of `model`), a list of modules, or None (no
-            recompute: per-tensor keep/offload only).
+        regions: "auto" (every repeated stack of blocks in `model`: a decoder's layers, or a T5's
+            encoder and decoder blocks), a module list or any iterable of modules, a module list's
+            name in `model` ("model.layers"), a block class or a set of them (`LlamaDecoderLayer`,
+            as FSDP's wrap policy takes), or None (no recompute: per-tensor keep/offload only).
+            Regions must be submodules of `model`.
         backend: "auto" (CUDA when the model is on a GPU, else the CPU emulation), or a
             `TransferBackend` instance (e.g. `EmulatedBackend(d2h_delay_s=0.01)` in tests).
         min_offload_bytes: storages smaller than this are never offloaded (None: the backend's
@@ -75,7 +79,7 @@ class HybridCheckpointer:
 
     def __init__(self, model: nn.Module | None = None, *, policy: PolicyArg = "auto",
                  device_budget: Budget = None, host_budget: Budget = None,
-                 regions: Union[str, Sequence[nn.Module], None] = "auto",
+                 regions: RegionsArg = "auto",
                  backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
                  lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20,
                  monitor: "Monitor | bool" = False, op_policy: Callable | None = None,
@@ -113,6 +117,7 @@ class HybridCheckpointer:
             fixed = AutoPolicy(self._runtime)
         self._runtime.policy = fixed
         self._active: ForwardPass | None = None
+        self._model_called = False  # this forward called the model (or an attached module)
         self._warned_hf = False
         self.monitor = monitor if not isinstance(monitor, bool) else None
         self._own_monitor = monitor is True
@@ -136,9 +141,9 @@ class HybridCheckpointer:
         fp = ForwardPass(rt, params)
         rt.policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
-        if self.model is not None:  # the input signature, before any segment is planned
-            region_hooks.add(self.model.register_forward_pre_hook(
-                lambda mod, args, kwargs: rt.policy.model_inputs(args, kwargs), with_kwargs=True))
+        self._model_called = False
+        if self.model is not None:
+            region_hooks.add(self.model.register_forward_pre_hook(self._model_call, with_kwargs=True))
         saved_hooks = torch.autograd.graph.saved_tensors_hooks(fp.pack, fp.unpack)
         op_names = OpNames() if rt.settings.verify is not None else None
         try:
@@ -165,6 +170,53 @@ class HybridCheckpointer:
             fp.close(failed=exc_type is not None)
             rt.stats.forwards += 1
             rt.policy.end_forward(fp, failed=exc_type is not None)
+        if exc_type is None and self.model is not None and not self._model_called and not fp.region_calls \
+                and fp.pack_index:
+            raise OffloadError(
+                f"HybridCheckpointer: the forward under `with hc:` saved {fp.pack_index} tensors for backward "
+                f"but never called the model the checkpointer was built for ({type(self.model).__name__}) nor "
+                f"any of its regions, so the runtime could not plan or recompute them. Build the checkpointer "
+                f"for the model you call (a copy such as copy.deepcopy(model) is another model), or call "
+                f"that model inside `with hc:`")
+
+    def _model_call(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        """The model's forward pre-hook while `with hc:` is active: note the call and the input
+        signature (before any segment is planned). PyTorch iterates a snapshot of the pre-hooks,
+        so when an attachment closes a stale forward in its own pre-hook, this hook, removed
+        meanwhile, is still called for that call, and without kwargs."""
+        self._model_called = True
+        self._runtime.policy.model_inputs(args, kwargs or {})
+
+    def attach(self, module: nn.Module | None = None) -> Attachment:
+        """Run every forward of `module` (default: the model) that records autograd under this
+        checkpointer, as if each were wrapped in `with hc:`: for training loops you do not write.
+
+            handle = hc.attach(model)      # or: with hc.attach(model): trainer.train()
+            trainer.train()
+            handle.remove()
+
+        Calls under `torch.no_grad()` or `torch.inference_mode()` (evaluation), and calls while
+        the checkpointer is already active (`with hc:`), run as plain PyTorch. An exception in
+        forward leaves the runtime as it was (Rule 9). `module` must be the model, a submodule of
+        it, or a wrapper around it (DDP, a LightningModule)."""
+        module = self.model if module is None else module
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"HybridCheckpointer.attach({module!r}): expected an nn.Module (or no argument, "
+                            f"with a checkpointer built with model=)")
+        model = self.model
+        if model is not None and not any(m is model for m in module.modules()) \
+                and not any(m is module for m in model.modules()):
+            raise ValueError(f"HybridCheckpointer.attach({type(module).__name__}): the module is neither the "
+                             f"model the checkpointer was built for ({type(model).__name__}), a part of it, nor a "
+                             f"wrapper around it; attach the model you train, or build the checkpointer for it")
+        return Attachment(module, self._enter_attached, lambda exc_type: self.__exit__(exc_type, None, None),
+                          lambda: self._active is not None)
+
+    def _enter_attached(self, args: tuple, kwargs: dict) -> None:
+        """`with hc:` entered from an attached module's pre-hook, which runs before the model's
+        own pre-hook is installed: note the call and its inputs here."""
+        self.__enter__()
+        self._model_call(self.model, args, kwargs)
 
     def _check_foreign_checkpointing(self) -> None:
         """Hugging Face's own gradient checkpointing recomputes every layer with
@@ -173,10 +225,10 @@ class HybridCheckpointer:
         if self._warned_hf or not _hf_checkpointing(self.model):
             return
         self._warned_hf = True
-        log.warning("HybridCheckpointer: the model has Hugging Face gradient_checkpointing enabled; it "
-                    "recomputes every layer itself, so the runtime sees no tensors inside the layers and "
-                    "policy=%r has no effect there. Call model.gradient_checkpointing_disable() to let "
-                    "the runtime decide.", self.policy_name)
+        warn(f"HybridCheckpointer: the model has Hugging Face gradient_checkpointing enabled; it recomputes "
+             f"every layer itself, so the runtime sees no tensors inside the layers and policy="
+             f"{self.policy_name!r} has no effect there. Call model.gradient_checkpointing_disable() (or "
+             f"leave TrainingArguments(gradient_checkpointing=False)) to let the runtime decide.")
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -278,15 +330,27 @@ def _model_device(model: nn.Module | None, regions: list[Region]) -> torch.devic
 
 
 def _make_backend(backend: "str | TransferBackend", device: torch.device | None) -> TransferBackend:
-    """The transfer backend named by the user ("auto": CUDA when the model is on a GPU)."""
+    """The transfer backend named by the user ("auto": CUDA when the model is on a GPU), checked
+    against the device the model's parameters are on."""
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise OffloadError(f"HybridCheckpointer(model=...): the model's parameters are on {device}; the runtime "
+                           f"runs on 'cuda' (or the CPU emulation). Materialise the model first, e.g. "
+                           f"model.to_empty(device='cuda') and load its weights, then build the checkpointer")
     if isinstance(backend, TransferBackend):
-        return backend
-    if backend == "emulated":
-        return EmulatedBackend()
-    if backend not in ("auto", "cuda"):
+        out = backend
+    elif backend == "emulated" or (backend == "auto" and (device is None or device.type != "cuda")):
+        out = EmulatedBackend()
+    elif backend in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            raise OffloadError(f"HybridCheckpointer(backend={backend!r}): CUDA is not available here (the model "
+                               f"is on {device or 'no device'}); use backend='auto' or 'emulated' to run on the CPU")
+        from .transfer.cuda import CudaBackend
+        out = CudaBackend(device if device is not None and device.type == "cuda" else None)
+    else:
         raise ValueError(f"HybridCheckpointer(backend={backend!r}): use 'auto', 'cuda', 'emulated' or a "
                          f"TransferBackend instance")
-    if backend == "cuda" or (device is not None and device.type == "cuda"):
-        from .transfer.cuda import CudaBackend
-        return CudaBackend(device if device is not None and device.type == "cuda" else None)
-    return EmulatedBackend()
+    if device is not None and device != out.device:
+        raise OffloadError(f"HybridCheckpointer(backend={backend!r}): the model is on {device} but the backend "
+                           f"runs on {out.device}, so nothing could be moved; move the model there first, or use "
+                           f"backend='auto'")
+    return out

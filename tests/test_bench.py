@@ -60,6 +60,43 @@ def test_quick_run_prints_table_writes_json_and_png(tmp_path):
     assert contenders["recompute"]["peak_bytes"] < contenders["plain"]["peak_bytes"]
     assert contenders["checkpoint"]["peak_bytes"] < contenders["plain"]["peak_bytes"]
     assert (tmp_path / "frontier.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    assert "USDT" not in proc.stderr and "profiler_start" not in proc.stderr, proc.stderr[:2000]
+
+
+PEAKS_TWICE = r"""
+import torch
+from offload import PeakMemory
+for _ in range(2):
+    with PeakMemory("cpu") as pm:
+        torch.randn(256, 256) @ torch.randn(256, 256)
+    assert pm.peak_bytes > 0
+print("ok")
+"""
+
+
+def test_peak_memory_prints_no_profiler_lines():
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", PEAKS_TWICE], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert proc.stderr == ""
+    proc = subprocess.run([sys.executable, "-c", PEAKS_TWICE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(env, KINETO_LOG_LEVEL="3"))
+    assert "profiler_start" in proc.stderr  # a level the user set wins
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "not a device"), ("meta", "'cpu' or 'cuda"), ("cuda:x", "not a device"),
+    ("cuda:99", "CUDA"),
+])
+def test_bad_device_is_a_usage_error(device, message, capsys):
+    from bench.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quick", "--device", device, "--skip-main"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--device {device!r}" in err or f"--device {device}" in err, err
+    assert message in err, err
 
 
 def test_loss_curve_check_is_exactly_zero_on_cpu(tmp_path):

@@ -12,7 +12,6 @@ dependency: without it this module is skipped.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from offload import HybridCheckpointer, OffloadError  # noqa: E402
+from offload import HybridCheckpointer, OffloadError, OffloadWarning  # noqa: E402
 
 from .conftest import mixed, under  # noqa: E402
 
@@ -269,17 +268,36 @@ def test_hf_gradient_checkpointing_with_runtime_is_equal_but_hides_the_layers(re
     plain.close()
 
 
-def test_hf_gradient_checkpointing_is_detected_with_a_warning(caplog):
+def checkpointing_warnings(caught) -> list:
+    return [w for w in caught if issubclass(w.category, OffloadWarning) and "gradient_checkpointing" in str(w.message)]
+
+
+def test_hf_gradient_checkpointing_is_detected_with_a_warning():
     model = hf_checkpointing(build("gpt2"), reentrant=False)
     hc = checkpointer(model, "recompute")
-    with caplog.at_level(logging.WARNING, logger="offload"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(model, hc, steps=2)
-    hits = [r for r in caplog.records if (r.name == "offload" or r.name.startswith("offload."))
-            and r.levelno == logging.WARNING and "gradient_checkpointing" in r.getMessage()]
-    assert len(hits) == 1, [r.getMessage() for r in caplog.records]  # once, not per forward
+    hits = checkpointing_warnings(caught)
+    assert len(hits) == 1, [str(w.message) for w in caught]  # once, not per forward
 
 
-def test_hf_gradient_checkpointing_is_detected_through_ddp(caplog, tmp_path):
+def test_default_kv_cache_in_training_warns_once():
+    model = build("llama")
+    hc = checkpointer(model, "keep")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, hc, steps=2, use_cache=None)
+    hits = [w for w in caught if issubclass(w.category, OffloadWarning) and "KV cache" in str(w.message)]
+    assert len(hits) == 1 and "use_cache=False" in str(hits[0].message), [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = build("llama")
+        train(plain, checkpointer(plain, "keep"), steps=1, use_cache=False)
+    assert not [w for w in caught if "KV cache" in str(w.message)]
+
+
+def test_hf_gradient_checkpointing_is_detected_through_ddp(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -289,7 +307,8 @@ def test_hf_gradient_checkpointing_is_detected_through_ddp(caplog, tmp_path):
     try:
         ddp = DDP(hf_checkpointing(build("gpt2"), reentrant=False))
         hc = checkpointer(ddp, "offload")
-        with caplog.at_level(logging.WARNING, logger="offload"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ids = batch(0)
             with hc:
                 loss = ddp(input_ids=ids, labels=ids, use_cache=False).loss
@@ -297,15 +316,16 @@ def test_hf_gradient_checkpointing_is_detected_through_ddp(caplog, tmp_path):
         hc.close()
     finally:
         dist.destroy_process_group()
-    assert [r for r in caplog.records if "gradient_checkpointing" in r.getMessage()]
+    assert checkpointing_warnings(caught)
 
 
-def test_no_hf_gradient_checkpointing_no_warning(caplog):
+def test_no_hf_gradient_checkpointing_no_warning():
     model = build("gpt2")
     hc = checkpointer(model, "recompute")
-    with caplog.at_level(logging.WARNING, logger="offload"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(model, hc, steps=1)
-    assert not [r for r in caplog.records if "gradient_checkpointing" in r.getMessage()]
+    assert not checkpointing_warnings(caught)
 
 
 def test_runtime_triggers_no_deprecation_warning_from_transformers():

@@ -13,6 +13,9 @@ if nvml is not None:
     assert lib is None, "importing offload loaded the NVML library"
 import logging
 assert not logging.getLogger().handlers, "the library configured the root logger"
+for framework in ("transformers", "accelerate", "lightning", "pytorch_lightning"):
+    assert framework not in sys.modules, f"importing offload imported {framework}"
+assert "offload.integrations" not in sys.modules
 print("ok")
 """
 

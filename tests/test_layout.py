@@ -102,8 +102,21 @@ def test_only_the_package_root_imports_the_facade():
     assert users == ["offload"], users
 
 
+def test_integrations_are_clients_of_the_public_api():
+    """`offload.integrations` sits above the façade, as user code does: its modules import the
+    public names from `offload` and nothing below it, and nothing in `offload` imports them (each
+    imports its framework, which `import offload` must not)."""
+    graph = _graph()
+    integrations = {m for m in graph if m.startswith("offload.integrations")}
+    assert {"offload.integrations.hf", "offload.integrations.lightning"} <= integrations
+    for m in integrations:
+        assert graph[m] <= {"offload"} | integrations, (m, sorted(graph[m]))
+    users = sorted(m for m, deps in graph.items() if deps & integrations and m not in integrations)
+    assert not users, users
+
+
 def test_rooms_are_subpackages_by_concern():
     rooms = {p.name for p in (ROOT / "offload").iterdir() if (p / "__init__.py").exists()}
-    assert rooms == {"core", "transfer", "observe", "auto"}
+    assert rooms == {"core", "transfer", "observe", "auto", "integrations"}
     top = sorted(p.name for p in (ROOT / "offload").glob("*.py"))
     assert top == ["__init__.py", "checkpointer.py"]

@@ -21,6 +21,7 @@ from scheduler import Plan, plan as make_plan
 from scheduler.plan import Action, SegmentPlan
 
 from ..transfer.linkprobe import measure_link
+from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
 from .profile import build_profile
 
@@ -119,7 +120,12 @@ class AutoPolicy(Policy):
         reserve = min(backward_reserve(profile), budget // 2)
         plan = make_plan(profile, budget - reserve, rt.settings.host_budget, keep_last=rt.settings.keep_last)
         for note in plan.notes:
-            (log.warning if "infeasible" in note else log.info)("auto plan: %s", note)
+            if "infeasible" in note:
+                warn(f"HybridCheckpointer(policy='auto'): the plan does not fit the budgets for inputs "
+                     f"{signature or '(none)'}: {note}. Raise device_budget (or host_budget), or shrink "
+                     f"the batch or sequence")
+            else:
+                log.info("auto plan: %s", note)
         if len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
             oldest = next(iter(self.plans))
             for table in (self.plans, self.profiles, self.reserves, self._warm):

@@ -23,6 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
+from .errors import warn
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
@@ -130,10 +131,10 @@ class ForwardPass:
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
         if not self.rt.warned_cache and any(is_kv_cache(x) for x in leaves):
             self.rt.warned_cache = True
-            log.warning("HybridCheckpointer: %s was called with a KV cache during training "
-                        "(Hugging Face use_cache=True): the cache keeps every layer's keys and values "
-                        "alive until the step ends. Pass use_cache=False when training; recompute "
-                        "replays the layer without the cache.", region.name)
+            warn(f"HybridCheckpointer: {region.name} was called with a KV cache during training (Hugging "
+                 f"Face use_cache=True): the cache keeps every layer's keys and values alive until the step "
+                 f"ends. Pass use_cache=False to the model's forward when training; recompute replays the "
+                 f"layer without the cache.")
         inputs = {x.untyped_storage()._cdata: x.untyped_storage().nbytes()
                   for x in leaves if isinstance(x, torch.Tensor)}
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
@@ -285,6 +286,7 @@ class ForwardPass:
         blocks = self.rt.pool.alloc(nbytes)
         if blocks is None:  # Rule 3: the pool is full; keep it and say so
             self.stats.add_fallback(nbytes)
+            self.rt.note_fallback(nbytes, seg.name)
             return None
         try:
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())

@@ -21,6 +21,7 @@ from ..observe.hostmem import available_host_bytes
 from ..observe.stats import StepStats
 from ..transfer.backend import TransferBackend
 from ..transfer.hostpool import HostPool
+from .errors import warn
 from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
@@ -68,6 +69,7 @@ class Runtime:
         self.stats = self._new_stats(0)
         self.backward_seen = False
         self.warned_cache = False
+        self.warned_fallback = False
 
     # -- steps ---------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -125,6 +127,16 @@ class Runtime:
                 queue.remove(ref)
             except ValueError:
                 pass
+
+    def note_fallback(self, nbytes: int, segment: str) -> None:
+        """Rule 3: an offload the full host pool refused stays on the device; say so, once."""
+        if self.warned_fallback:
+            return
+        self.warned_fallback = True
+        warn(f"HybridCheckpointer: the host pool is full ({self.pool.in_use} bytes in use under "
+             f"host_budget={self.settings.host_budget}); a {nbytes}-byte tensor of {segment}, and every "
+             f"offload refused after it, stays on the device instead (the report counts them as "
+             f"fallbacks; this warning is not repeated). Raise host_budget, or offload less.")
 
     # -- budgets ---------------------------------------------------------------------------------
     def lookahead_segments(self) -> int:

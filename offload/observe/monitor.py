@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..core.errors import OffloadError
+from ..core.errors import OffloadError, warn
 from .hostmem import process_rss_bytes, read_cgroup_memory, system_available_bytes
 from .nvml import (DEFAULT_COUNTER_BITS, THROUGHPUT_KB_BYTES, NvmlDevice, NvmlLibrary, NvmlReading,
                    NvmlUnavailableError, counter_delta)
@@ -264,10 +264,10 @@ class Monitor:
         if reading is not None and reading.pcie_counter_bits and "wrap" not in self._logged:
             self._logged.add("wrap")
             if self.interval_s * _FASTEST_LINK_BYTES_S >= 2 ** reading.pcie_counter_bits:
-                logger.warning("Monitor(interval_s=%g): %d-bit PCIe counters can wrap more than once "
-                               "per interval at full link speed; use interval_s < %.3f",
-                               self.interval_s, reading.pcie_counter_bits,
-                               2 ** reading.pcie_counter_bits / _FASTEST_LINK_BYTES_S)
+                warn(f"Monitor(interval_s={self.interval_s:g}): {reading.pcie_counter_bits}-bit PCIe counters "
+                     f"can wrap more than once per interval at full link speed, so traffic may be "
+                     f"undercounted; use interval_s < "
+                     f"{2 ** reading.pcie_counter_bits / _FASTEST_LINK_BYTES_S:.3f}")
         return Sample(t, rss, available, None if cgroup is None else cgroup.limit_bytes, reading)
 
     def _record(self, sample: Sample) -> None:

@@ -6,7 +6,15 @@ slabs come from mmap, not torch's allocator, so only device-tier tensors are cou
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Kineto (the profiler's backend) prints "USDT: ... profiler_start" and "... profiler_stop" to
+# stderr on every profiler start and stop at its default log level; level 6 is above its USDT
+# level (5) and silences them, and only them, since nothing lower is printed by default. Kineto
+# reads the variable once, when the first profiler in the process starts; a user's own wins.
+_KINETO_QUIET = ("KINETO_LOG_LEVEL", "6")
 
 
 class PeakMemory:
@@ -24,6 +32,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            os.environ.setdefault(*_KINETO_QUIET)
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                 profile_memory=True)
             self._prof.__enter__()

@@ -16,7 +16,7 @@ def plot_step(tl: ResolvedTimeline, samples: Sequence, path: str, title: str = "
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise OffloadError("Report.plot needs matplotlib: pip install 'hybrid-offload[bench]' "
+        raise OffloadError("Report.plot needs matplotlib: pip install 'hybrid-offload[plot]' "
                            "(or pip install matplotlib)") from exc
     t0 = tl.bounds[0] if tl.bounds else 0.0
     fig, (ax, mem) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1.4]})
