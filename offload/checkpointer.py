@@ -18,6 +18,7 @@ from .core.runtime import Runtime, Settings, device_available
 from .observe.hostmem import available_host_bytes
 from .observe.report import Report
 from .observe.stats import StepStats
+from .observe.units import fmt_bytes
 from .transfer.backend import TransferBackend
 from .transfer.emulated import EmulatedBackend
 from .transfer.hostpool import HostPool
@@ -241,8 +242,9 @@ class HybridCheckpointer:
         self._runtime.backend.close()
 
     def __repr__(self) -> str:
+        device = "auto" if self.device_budget is None else fmt_bytes(self.device_budget)
         return (f"HybridCheckpointer(policy={self.policy_name!r}, regions={len(self.regions)}, "
-                f"backend={self.backend.name}, host_budget={self.host_budget})")
+                f"backend={self.backend.name}, device_budget={device}, host_budget={fmt_bytes(self.host_budget)})")
 
 
 def _hf_checkpointing(model: nn.Module | None) -> bool:
