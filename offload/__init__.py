@@ -20,6 +20,7 @@ from .observe.monitor import Monitor
 from .observe.peakmem import PeakMemory
 from .core.policy import RegionSite, TensorSite
 from .observe.report import Report
+from .observe.trace import TraceRecorder
 from .transfer.backend import TransferBackend
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -28,7 +29,7 @@ __all__ = [
     # the runtime
     "HybridCheckpointer", "Action", "RegionSite", "TensorSite", "OffloadError",
     # what it reports
-    "Report", "Monitor", "PeakMemory",
+    "Report", "TraceRecorder", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups
     "TransferBackend", "EmulatedBackend", "HostPool",
 ]

@@ -1,12 +1,15 @@
 """Layer 5: the timeline, the report, the trace and the profiler ranges."""
+import gc
 import json
 import re
+import time
+import weakref
 
 import pytest
 import torch
 
 from bench.gpt import make_batch
-from offload import Action, EmulatedBackend, HybridCheckpointer, PeakMemory
+from offload import Action, EmulatedBackend, HybridCheckpointer, OffloadError, PeakMemory
 from offload.observe.monitor import Monitor
 from offload.observe.units import fmt_bytes
 from offload.observe.timeline import ResolvedTimeline, Span, intersect, subtract, union
@@ -74,9 +77,9 @@ def test_trace_is_valid_json_with_three_tracks(tmp_path):
     trace = json.loads(path.read_text())
     events = trace["traceEvents"]
     names = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
-    assert names == {"compute stream", "D2H stream", "H2D stream"}
+    assert names == {"steps", "compute stream", "D2H stream", "H2D stream"}
     tids = {e["tid"] for e in events if e.get("ph") == "X"}
-    assert tids == {1, 2, 3}
+    assert tids == {0, 1, 2, 3}
     assert any(e["cat"] == "forward" for e in events if e.get("ph") == "X")
     assert any(e.get("ph") == "C" for e in events), "monitor samples become counters"
     assert r.monitor["nvml_available"] is False
@@ -294,3 +297,136 @@ def test_repr_formats_budgets():
     assert "host_budget=2.0 GiB" in text and "device_budget=3.0 MiB" in text
     auto_budget = HybridCheckpointer(tiny_gpt(), policy="keep", host_budget="64MiB")
     assert "device_budget=auto" in repr(auto_budget)
+
+
+# -- traces on torch.profiler's clock, and of several steps ------------------------------------------
+
+def _spans(trace: dict) -> list[dict]:
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+
+
+def test_trace_times_are_wall_clock_like_the_profilers(tmp_path):
+    """Kineto writes ts = (CLOCK_REALTIME ns - baseTimeNanoseconds) / 1000; so do we."""
+    before = time.time_ns()
+    hc, _ = run(steps=1)
+    after = time.time_ns()
+    path = tmp_path / "trace.json"
+    hc.report().save_trace(str(path))
+    trace = json.loads(path.read_text())
+    base = trace["baseTimeNanoseconds"]
+    spans = _spans(trace)
+    assert {e["cat"] for e in spans} >= {"forward", "backward", "copy", "step"}
+    for e in spans:
+        start, end = base + e["ts"] * 1e3, base + (e["ts"] + e["dur"]) * 1e3
+        assert before <= start <= end <= after, e
+
+
+def test_trace_clock_reads_the_profilers_clock(tmp_path):
+    """A profiler range opened and closed between our clock readings lands between them once
+    converted: the two clocks agree to within 20 us (they differ by hours when mixed up)."""
+    from offload.observe.trace import TraceClock
+    marks = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(20):
+            a = time.perf_counter()
+            with torch.profiler.record_function(f"mark{i}"):
+                b = time.perf_counter()
+                time.sleep(0.0005)
+                c = time.perf_counter()
+            marks.append((a, b, c, time.perf_counter()))
+    path = tmp_path / "torch.json"
+    prof.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    clock = TraceClock.measure(base_ns=trace["baseTimeNanoseconds"])
+    ranges = {e["name"]: e for e in _spans(trace)}
+    tol = 20.0
+    for i, (a, b, c, d) in enumerate(marks):
+        e = ranges[f"mark{i}"]
+        assert clock.us(a) - tol <= e["ts"] <= clock.us(b) + tol, (i, e["ts"] - clock.us(a))
+        assert clock.us(c) - tol <= e["ts"] + e["dur"] <= clock.us(d) + tol, i
+
+
+@pytest.mark.parametrize("given", ["profile", "path"])
+def test_trace_merges_with_the_profilers_and_our_spans_enclose_its_ranges(tmp_path, given):
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy=mixed, min_offload_bytes=MIN_OFFLOAD, host_budget="64MiB",
+                            backend=EmulatedBackend(d2h_delay_s=0.001))
+    train(model, hc, steps=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train(model, hc, steps=1)
+    path = tmp_path / "merged.json"
+    if given == "profile":
+        hc.report().save_trace(str(path), profiler=prof)
+        with pytest.raises(OffloadError, match="pass the path"):  # torch exports a trace once
+            hc.report().save_trace(str(tmp_path / "again.json"), profiler=prof)
+    else:
+        theirs_path = tmp_path / "torch.json"
+        prof.export_chrome_trace(str(theirs_path))
+        hc.report().save_trace(str(path), profiler=str(theirs_path))
+    merged = json.loads(path.read_text())
+    assert merged["baseTimeNanoseconds"] > 0
+    ours_pid = {e["pid"] for e in merged["traceEvents"] if e.get("name") == "process_name"
+                and e["args"]["name"] == "offload runtime"}
+    assert len(ours_pid) == 1
+    ours_pid, = ours_pid
+    ours = [e for e in _spans(merged) if e["pid"] == ours_pid]
+    theirs = [e for e in _spans(merged) if e["pid"] != ours_pid]
+    assert theirs and ours_pid not in {e["pid"] for e in theirs}
+    if given == "path":  # the profiler's events are all there, untouched
+        torch_only = json.loads(theirs_path.read_text())
+        assert merged["baseTimeNanoseconds"] == torch_only["baseTimeNanoseconds"]
+        assert theirs == _spans(torch_only)
+    # Our recompute span of a block encloses the profiler's range of that replay (same clock;
+    # 50 us for the two clocks' readings, against offsets of seconds when they differ).
+    tol = 50.0
+    replays = {e["name"].removeprefix("offload::"): e for e in theirs if e["name"].startswith("offload::recompute")}
+    mine = {e["name"]: e for e in ours if e["cat"] == "recompute"}
+    assert set(mine) == set(replays) == {"recompute transformer.h.0", "recompute transformer.h.2"}
+    for name, t in replays.items():
+        o = mine[name]
+        assert o["ts"] - tol <= t["ts"] and t["ts"] + t["dur"] <= o["ts"] + o["dur"] + tol, (o, t)
+    # Each D2H copy starts after the profiler saw it issued, and the step's spans lie inside
+    # the profiler's window.
+    issued = sorted(e["ts"] for e in theirs if e["name"] == "offload::d2h")
+    copies = sorted(e["ts"] for e in ours if e["cat"] == "copy" and e["tid"] == 2)
+    assert len(issued) == len(copies) > 0
+    assert all(c >= i - tol for i, c in zip(issued, copies))
+    lo, hi = min(e["ts"] for e in theirs), max(e["ts"] + e["dur"] for e in theirs)
+    assert all(lo - tol <= e["ts"] and e["ts"] + e["dur"] <= hi + tol for e in ours if e["cat"] != "step")
+
+
+def test_trace_recorder_keeps_the_last_steps_in_one_trace(tmp_path):
+    from offload import TraceRecorder
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy="offload", min_offload_bytes=MIN_OFFLOAD, host_budget="64MiB")
+    with pytest.raises(ValueError, match="steps"):
+        TraceRecorder(hc, steps=0)
+    rec = TraceRecorder(hc, steps=3)
+    stats = []
+    for _ in range(5):
+        train(model, hc, steps=1)
+        stats.append(weakref.ref(hc._runtime.stats))
+    path = tmp_path / "steps.json"
+    rec.save(str(path))
+    trace = json.loads(path.read_text())
+    steps = [e for e in _spans(trace) if e["cat"] == "step"]
+    assert [e["name"] for e in steps] == ["step 3", "step 4", "step 5"]
+    for a, b in zip(steps, steps[1:]):
+        assert a["ts"] + a["dur"] <= b["ts"]
+    forwards = [e for e in _spans(trace) if e["cat"] == "forward"]
+    assert sorted({e["args"]["step"] for e in forwards}) == [3, 4, 5]
+    assert len(forwards) == 3 * 9  # 4 blocks and the 5 stretches around them, per step
+    counters = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "C"}
+    assert "saved activations (MiB)" in counters
+    # Bounded: only the steps it may still write are held.
+    gc.collect()
+    assert [r() is not None for r in stats] == [False, True, True, True, True]
+    # Closed, it records no more steps but still writes the ones it has; dropped, it holds nothing.
+    rec.close()
+    train(model, hc, steps=2)
+    rec.save(str(path))
+    assert [e["name"] for e in _spans(json.loads(path.read_text())) if e["cat"] == "step"] == \
+           ["step 3", "step 4", "step 5"]
+    del rec
+    gc.collect()
+    assert all(r() is None for r in stats) and not hc._runtime.step_listeners
