@@ -430,3 +430,66 @@ def test_trace_recorder_keeps_the_last_steps_in_one_trace(tmp_path):
     del rec
     gc.collect()
     assert all(r() is None for r in stats) and not hc._runtime.step_listeners
+
+
+def _cuda_gpt():
+    from bench.gpt import GPTConfig
+    from .conftest import cuda_or_skip
+    dev = cuda_or_skip()
+    cfg = GPTConfig(vocab_size=1024, block_size=512, n_layer=4, n_head=8, n_embd=512, dropout=0.0)
+    return dev, cfg, tiny_gpt(dev, cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["keep", "offload", "recompute"])
+def test_cuda_measured_peak_is_at_most_the_allocators(policy):
+    """On a GPU, what the runtime counts resident is allocator memory of the same step:
+    exactly the kept bytes under "keep", never above max_memory_allocated."""
+    dev, cfg, model = _cuda_gpt()
+    hc = HybridCheckpointer(model, policy=policy, host_budget="4GiB")
+    train(model, hc, steps=2, batch=8)
+    idx, tgt = make_batch(cfg, 8, seed=9, device=dev)
+    with PeakMemory(dev) as pm:
+        with hc:
+            _, loss = model(idx, tgt)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    r = hc.report()
+    print(f"{policy}: saved peak {r.saved_peak_bytes} {r.saved_peak_parts}, allocator peak {pm.peak_bytes}")
+    assert 0 < r.saved_peak_bytes <= pm.peak_bytes
+    if policy == "keep":
+        assert r.saved_peak_bytes == r.kept_bytes
+    if policy == "offload":
+        assert hc.stats.saved_kind_peaks["reloaded"] > 0
+    del idx, tgt, loss
+    settle(hc)
+    assert hc._runtime.residency.total == 0
+
+
+@pytest.mark.cuda
+def test_cuda_trace_copies_line_up_with_the_profilers_memcpys(tmp_path):
+    """Our D2H and H2D spans (CUDA events) enclose the memcpys CUPTI saw for them, on one clock."""
+    dev, cfg, model = _cuda_gpt()
+    hc = HybridCheckpointer(model, policy="offload", host_budget="4GiB")
+    train(model, hc, steps=2, batch=8)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        train(model, hc, steps=1, batch=8)
+        torch.cuda.synchronize(dev)
+    path = tmp_path / "merged.json"
+    hc.report().save_trace(str(path), profiler=prof)
+    hc.report().plot(str(tmp_path / "step.png"))
+    trace = json.loads(path.read_text())
+    ours_pid, = {e["pid"] for e in trace["traceEvents"] if e.get("name") == "process_name"
+                 and e["args"]["name"] == "offload runtime"}
+    spans = _spans(trace)
+    for tid, kind in ((2, "DtoH"), (3, "HtoD")):
+        ours = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e["pid"] == ours_pid and e["tid"] == tid)
+        copies = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e["pid"] != ours_pid
+                        and e.get("cat") == "gpu_memcpy" and kind in e["name"] and "Pinned" in e["name"])
+        assert ours and copies, (kind, len(ours), len(copies))
+        # The distance from each memcpy to the nearest span of ours that encloses it (0 inside).
+        gaps = [min(max(0.0, o0 - c0, c1 - o1) for o0, o1 in ours) for c0, c1 in copies]
+        print(f"{kind}: {len(copies)} memcpys, {len(ours)} spans; worst gap {max(gaps):.1f} us, "
+              f"median {sorted(gaps)[len(gaps) // 2]:.1f} us")
+        assert max(gaps) <= 50.0, kind

@@ -152,8 +152,16 @@ class Report:
         """A PNG of the streams and of saved activations on the device against the device budget
         over the step (and NVML / RSS samples when a Monitor is attached); needs matplotlib."""
         from .plot import plot_step
-        plot_step(self._timeline, self._samples, path, title=f"step {self.step}, policy={self.policy}",
-                  saved_series=self._saved_series, device_budget=self.device_budget)
+        plot_step(self._timeline, self._samples, path, **self._plot_args())
+
+    def figure(self):
+        """The figure `plot` saves, as a matplotlib Figure to adjust or show (close it when done)."""
+        from .plot import step_figure
+        return step_figure(self._timeline, self._samples, **self._plot_args())
+
+    def _plot_args(self) -> dict:
+        return dict(title=f"step {self.step}, policy={self.policy}", saved_series=self._saved_series,
+                    device_budget=self.device_budget)
 
     def __str__(self) -> str:
         moved = self.offloaded_bytes > 0
