@@ -244,6 +244,9 @@ def test_plan_prints_as_a_table_and_stays_a_plan():
     _, hc, _ = _auto_after_planning()
     plan = hc.plan
     assert isinstance(plan, Plan) and plan.predicted_peak_bytes > 0  # still the scheduler's Plan
+    from scheduler import simulate
+    assert simulate(plan.profile, plan).peak_device_bytes == plan.predicted_peak_bytes
+    assert hash(plan) == hash(hc.plan) and plan == hc.plan
     text = str(plan)
     lines = text.splitlines()
     header = next(line for line in lines if line.lstrip().startswith("#"))
@@ -258,6 +261,7 @@ def test_plan_prints_as_a_table_and_stays_a_plan():
     r = hc.report()
     report_text = str(r)
     assert header in report_text
+    assert json.loads(r.to_json())["predicted"]["segments"] == r.predicted["segments"]
     assert r.predicted["step_error"] == pytest.approx(r.step_s / r.predicted["step_s"] - 1)
     assert r.predicted["peak_error"] == pytest.approx(r.saved_peak_bytes / r.predicted["peak_bytes"] - 1)
     assert "%" in next(line for line in report_text.splitlines() if line.startswith("plan: step"))
@@ -493,3 +497,134 @@ def test_cuda_trace_copies_line_up_with_the_profilers_memcpys(tmp_path):
         print(f"{kind}: {len(copies)} memcpys, {len(ours)} spans; worst gap {max(gaps):.1f} us, "
               f"median {sorted(gaps)[len(gaps) // 2]:.1f} us")
         assert max(gaps) <= 50.0, kind
+
+
+# -- the measured peak, adversarially: identity, lifetimes, threads, failures, bounds -------------
+
+def test_a_storage_saved_thrice_through_views_counts_once():
+    """Rule 4's storage identity holds for the count too: x, x.t() and x[:128] are one storage."""
+    w = torch.randn(256, 256, requires_grad=True)
+    hc = HybridCheckpointer(policy="keep", regions=None, host_budget="64MiB")
+    with hc:
+        x = w * 2
+        loss = ((x * w) + (x.t() * w) + (x[:128] * w[:128]).sum()).sum()
+    res = hc._runtime.residency
+    assert res.total == res.peak == x.untyped_storage().nbytes() == 256 * 256 * 4
+    assert hc.report().kept_bytes == 256 * 256 * 4
+    loss.backward()
+    del x, loss
+    gc.collect()
+    assert res.total == 0
+
+
+def test_dropped_graphs_failed_forwards_and_other_threads_leave_nothing_counted():
+    import threading
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy=mixed, min_offload_bytes=MIN_OFFLOAD, host_budget="64MiB",
+                            backend=EmulatedBackend(d2h_delay_s=0.002))
+    res = hc._runtime.residency
+    idx, tgt = make_batch(model.cfg, 4, seed=0)
+    held = idx.untyped_storage().nbytes() + tgt.untyped_storage().nbytes()
+    with hc:  # a graph never backpropagated
+        logits, loss = model(idx, tgt)
+    assert res.total > held
+    del logits, loss
+    settle(hc)
+    assert res.total == held
+
+    class Boom(Exception):
+        pass
+
+    def explode(mod, args, out):
+        raise Boom
+
+    handle = model.transformer.h[2].register_forward_hook(explode)
+    with pytest.raises(Boom):
+        with hc:
+            model(idx, tgt)
+    handle.remove()
+    settle(hc)
+    assert res.total == held
+
+    with hc:  # backward on another thread: frees run there
+        logits, loss = model(idx, tgt)
+    worker = threading.Thread(target=loss.backward)
+    worker.start()
+    worker.join()
+    del logits, loss
+    settle(hc)
+    assert res.total == held and hc.stats.saved_kind_peaks["recomputed"] > 0
+
+
+def test_two_forwards_before_one_backward_are_one_step_and_one_peak():
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy="keep", host_budget="64MiB")
+    losses = []
+    for s in range(2):
+        idx, tgt = make_batch(model.cfg, 4, seed=s)
+        with hc:
+            losses.append(model(idx, tgt)[1])
+    one = hc._runtime.residency.total
+    sum(losses).backward()
+    r = hc.report()
+    assert r.step == 1 and r.forwards == 2 and r.saved_peak_bytes == one == r.kept_bytes
+    del losses
+    train(model, hc, steps=1)
+    assert hc.report().step == 2
+
+
+def test_retain_graph_replays_are_counted_and_freed():
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy="recompute", host_budget="64MiB")
+    idx, tgt = make_batch(model.cfg, 4, seed=0)
+    with hc:
+        logits, loss = model(idx, tgt)
+    loss.backward(retain_graph=True)
+    first = hc.stats.saved_kind_peaks["recomputed"]
+    loss.backward()
+    assert first > 0 and hc.stats.replays == 8  # every block replayed again by the second backward
+    del logits, loss
+    settle(hc)
+    assert hc._runtime.residency.total == idx.untyped_storage().nbytes() + tgt.untyped_storage().nbytes()
+
+
+def test_residency_curve_is_bounded_and_forgets_earlier_steps():
+    from offload.observe.residency import MAX_POINTS, Residency
+    res = Residency()
+    series = res.start_step()
+    kept = [torch.empty(1) for _ in range(MAX_POINTS)]
+    for t in kept:
+        res.track(t, "kept")
+    peak = res.peak
+    del kept, t  # each free is a point too: 2 * MAX_POINTS changes
+    assert res.total == 0 and peak == MAX_POINTS * 4
+    assert len(series) <= MAX_POINTS + 1 and max(b for _, b in series) == peak
+    t = torch.empty(1000)
+    res.track(t, "kept")
+    res.start_step()  # a storage of an earlier step freed now does not count against this one
+    del t
+    assert res.total == 0 and res.peak == 0
+
+
+def test_trace_of_nothing_is_valid_and_bad_profilers_are_named(tmp_path):
+    import gzip
+    from offload import TraceRecorder
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy="keep", host_budget="64MiB")
+    rec = TraceRecorder(hc, steps=2)
+    rec.save(str(tmp_path / "empty.json"))  # nothing ran yet
+    trace = json.loads((tmp_path / "empty.json").read_text())
+    assert _spans(trace) == [] and trace["baseTimeNanoseconds"] > 0
+    with pytest.raises(TypeError, match="torch.profiler.profile or the path"):
+        rec.save(str(tmp_path / "x.json"), profiler=42)
+    # A profiler trace saved gzipped (tensorboard_trace_handler's habit) merges too.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train(model, hc, steps=1)
+    plain = tmp_path / "torch.json"
+    prof.export_chrome_trace(str(plain))
+    packed = tmp_path / "torch.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    rec.save(str(tmp_path / "merged.json"), profiler=str(packed))
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["baseTimeNanoseconds"] == json.loads(plain.read_text())["baseTimeNanoseconds"]
+    assert [e["name"] for e in _spans(merged) if e["cat"] == "step"] == ["step 1"]

@@ -315,7 +315,7 @@ class ForwardPass:
     def _count(self, key: StorageWeakRef, t: torch.Tensor, seg: Segment, action: str | None) -> None:
         """Count a storage's bytes once per forward, under the first action it got (None: a
         parameter or buffer, never moved); what stays on the device counts as resident."""
-        if action is not None and action != "recomputed":
+        if action in ("kept", "offloaded"):  # on the device until freed: kept, or the source of a D2H
             self.rt.residency.track(t, "kept" if action == "kept" else "in_flight")
         if key in self._counted:
             return

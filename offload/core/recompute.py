@@ -124,7 +124,7 @@ class RecomputeFrame:
                         f"backward, but its forward saved {len(self.meta)}. The region's forward must "
                         f"do the same work when replayed: avoid branching on global state or on values "
                         f"that change between forward and backward.")
-            refilled = [s.value for i in needed if (s := self.slots[i]()) is not None and s.value is not None]
+            refilled = [slot.value for i in needed if (slot := self.slots[i]()) is not None and slot.value is not None]
             self.on_replay(self.name, start, self.mark(), refilled)
 
     def _replay_inputs(self) -> tuple[tuple, dict]:

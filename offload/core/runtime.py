@@ -90,7 +90,8 @@ class Runtime:
         s, res = self.stats, self.residency
         s.host_in_use = self.pool.in_use
         s.host_high_water = max(s.host_high_water, self.pool.high_water)
-        s.saved_peak_bytes, s.saved_peak_parts, s.saved_kind_peaks = res.peak, dict(res.peak_parts), dict(res.kind_peaks)
+        s.saved_peak_bytes, s.saved_peak_parts = res.peak, dict(res.peak_parts)
+        s.saved_kind_peaks = dict(res.kind_peaks)
         return s
 
     def note_backward(self, stats: StepStats) -> None:

@@ -50,10 +50,11 @@ def plan_mix(plan: Plan) -> str:
 
 def format_plan(desc: dict) -> str:
     """`describe`'s data as text: a summary, the per-segment table, the notes."""
+    reserve = desc["reserve_bytes"]
     lines = [f"plan: {desc['mix']}; reloads issued {desc['lookahead']} segment(s) ahead of backward",
              f"predicted: step {fmt_ms(desc['step_s'])}, saved activations on the device at most "
              f"{fmt_bytes(desc['peak_bytes'])}"
-             + (f" ({fmt_bytes(desc['reserve_bytes'])} of the budget left for backward)" if desc["reserve_bytes"] else "")
+             + (f" ({fmt_bytes(reserve)} of the budget left for backward)" if reserve else "")
              + f", pinned host {fmt_bytes(desc['host_bytes'])}",
              f"{'#':>3}  {'segment':<26} {'action':<10} {'saved':>10} {'offloaded':>10} {'tensors':>7} "
              f"{'inputs offloaded':>16}"]
@@ -99,8 +100,8 @@ def explain_note(note: str) -> str:
                 f"{fmt_bytes(int(peak))} of saved activations on the device (planned under {_bytes_or_limit(budget)}) "
                 f"and {fmt_bytes(int(host))} of pinned host memory ({host_limit}); it runs anyway. Raise "
                 f"device_budget, or lower the batch size or sequence length")
-    note = re.sub(r"\b(\d+) ((?:device |host )?)bytes\b", lambda m: f"{fmt_bytes(int(m.group(1)))} {m.group(2)}".rstrip(),
-                  note)
+    note = re.sub(r"\b(\d+) ((?:device |host )?)bytes\b",
+                  lambda m: f"{fmt_bytes(int(m.group(1)))} {m.group(2)}".rstrip(), note)
     return re.sub(r"\bbudget (\d+)\b", lambda m: f"budget {fmt_bytes(int(m.group(1)))}", note)
 
 

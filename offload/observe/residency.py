@@ -16,7 +16,6 @@ re-entrant lock and touch only plain integers.
 """
 from __future__ import annotations
 
-import functools
 import threading
 import time
 import weakref
@@ -27,12 +26,19 @@ KINDS = ("kept", "in_flight", "reloaded", "recomputed")
 MAX_POINTS = 1 << 16  # the curve of one step; past it, neighbouring points merge (the peak stays exact)
 
 
+class _Entry(weakref.ref):
+    """A weak reference to a counted storage that carries what its free must take off."""
+
+    __slots__ = ("key", "nbytes", "kind")
+
+
 class Residency:
     """Device bytes of saved activations per kind, their peak in the step, and their curve."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._live: dict[int, tuple[weakref.ref, int, str]] = {}  # storage address -> (ref, bytes, kind)
+        self._live: dict[int, _Entry] = {}  # storage address -> its entry
+        self._on_free = self._freed  # one bound method for every entry's callback
         self.bytes = dict.fromkeys(KINDS, 0)
         self.total = 0
         self.peak = 0
@@ -60,17 +66,17 @@ class Residency:
         with self._lock:
             if key in self._live:
                 return
-            nbytes = storage.nbytes()
-            self._live[key] = (weakref.ref(storage, functools.partial(self._freed, key)), nbytes, kind)
-            self._change(kind, nbytes)
+            entry = _Entry(storage, self._on_free)
+            entry.key, entry.nbytes, entry.kind = key, storage.nbytes(), kind
+            self._live[key] = entry
+            self._change(kind, entry.nbytes)
 
-    def _freed(self, key: int, ref: weakref.ref) -> None:
+    def _freed(self, entry: _Entry) -> None:
         with self._lock:
-            entry = self._live.get(key)
-            if entry is None or entry[0] is not ref:  # forgotten at a step start, or a newer storage
+            if self._live.get(entry.key) is not entry:  # forgotten at a step start
                 return
-            del self._live[key]
-            self._change(entry[2], -entry[1])
+            del self._live[entry.key]
+            self._change(entry.kind, -entry.nbytes)
 
     def _change(self, kind: str, delta: int) -> None:
         self.bytes[kind] += delta
