@@ -22,6 +22,7 @@ from .observe.peakmem import PeakMemory
 from .core.policy import RegionSite, TensorSite
 from .core.verify import Verify
 from .observe.report import Report
+from .observe.trace import TraceRecorder
 from .transfer.backend import TransferBackend
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -33,7 +34,7 @@ __all__ = [
     "HybridCheckpointer", "Attachment", "Action", "RegionSite", "TensorSite", "OffloadError", "OffloadWarning",
     "Verify",
     # what it reports
-    "Report", "Monitor", "PeakMemory",
+    "Report", "TraceRecorder", "Monitor", "PeakMemory",
     # mechanism, for tests and custom setups
     "TransferBackend", "EmulatedBackend", "HostPool",
 ]

@@ -20,6 +20,7 @@ from .core.verify import OpNames, Verifier, Verify, resolve_verify
 from .observe.hostmem import available_host_bytes
 from .observe.report import Report
 from .observe.stats import StepStats
+from .observe.units import fmt_bytes
 from .transfer.backend import TransferBackend
 from .transfer.emulated import EmulatedBackend
 from .transfer.hostpool import HostPool
@@ -306,8 +307,9 @@ class HybridCheckpointer:
         self._runtime.backend.close()
 
     def __repr__(self) -> str:
+        device = "auto" if self.device_budget is None else fmt_bytes(self.device_budget)
         return (f"HybridCheckpointer(policy={self.policy_name!r}, regions={len(self.regions)}, "
-                f"backend={self.backend.name}, host_budget={self.host_budget})")
+                f"backend={self.backend.name}, device_budget={device}, host_budget={fmt_bytes(self.host_budget)})")
 
 
 def _hf_checkpointing(model: nn.Module | None) -> bool:

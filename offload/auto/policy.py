@@ -23,6 +23,7 @@ from scheduler.plan import Action, SegmentPlan
 from ..transfer.linkprobe import measure_link
 from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
+from ..observe.planview import PlanView, explain_note, plan_mix
 from .profile import build_profile
 
 if TYPE_CHECKING:
@@ -122,10 +123,9 @@ class AutoPolicy(Policy):
         for note in plan.notes:
             if "infeasible" in note:
                 warn(f"HybridCheckpointer(policy='auto'): the plan does not fit the budgets for inputs "
-                     f"{signature or '(none)'}: {note}. Raise device_budget (or host_budget), or shrink "
-                     f"the batch or sequence")
+                     f"{signature or '(none)'}: {explain_note(note)}")
             else:
-                log.info("auto plan: %s", note)
+                log.info("auto plan: %s", explain_note(note))
         if len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
             oldest = next(iter(self.plans))
             for table in (self.plans, self.profiles, self.reserves, self._warm):
@@ -135,7 +135,7 @@ class AutoPolicy(Policy):
         rt.pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
         self.reserves[signature] = reserve
         log.info("auto plan for %s: %s; predicted step %.2f ms, peak %.1f MiB (budget %.1f MiB, "
-                 "%.1f MiB of it reserved for backward)", signature or "(no inputs)", _mix(plan),
+                 "%.1f MiB of it reserved for backward)", signature or "(no inputs)", plan_mix(plan),
                  plan.predicted_step_s * 1e3, plan.predicted_peak_bytes / 2**20, budget / 2**20,
                  reserve / 2**20)
 
@@ -159,26 +159,14 @@ class AutoPolicy(Policy):
     def lookahead(self) -> int:
         return self._plan.lookahead if self._plan is not None else 2
 
-    def current_plan(self) -> Plan | None:
-        return self._plan
-
-    def prediction(self) -> dict | None:
+    def current_plan(self) -> PlanView | None:
         plan = self._plan
         if plan is None:
             return None
-        profile = self.profiles[plan.signature] if plan.signature in self.profiles else None
-        sizes = {t.id: t.nbytes for t in profile.tensors} if profile else {}
-        recompute = [s.index for s, p in zip(profile.segments, plan.segments)
-                     if p.action is Action.RECOMPUTE] if profile else []
-        return dict(step_s=plan.predicted_step_s, peak_bytes=plan.predicted_peak_bytes,
-                    host_bytes=plan.predicted_host_bytes,
-                    offloaded_bytes=sum(sizes.get(i, 0) for i in plan.offload_ids),
-                    recomputed_bytes=sum(t.nbytes for t in profile.tensors if t.segment in recompute)
-                    if profile else 0,
-                    reserve_bytes=self.reserves.get(plan.signature, 0),
-                    lookahead=plan.lookahead, mix=_mix(plan), notes=list(plan.notes))
+        return PlanView.of(plan, self.profiles.get(plan.signature), self.reserves.get(plan.signature, 0))
 
-
-def _mix(plan: Plan) -> str:
-    counts = {a: sum(1 for s in plan.segments if s.action is a) for a in Action}
-    return ", ".join(f"{n} {a.value}" for a, n in counts.items() if n)
+    def prediction(self) -> dict | None:
+        """The plan's figures and per-segment rows (`planview.describe`); offloaded bytes count
+        the inputs of recomputed regions that the plan offloads."""
+        plan = self.current_plan()
+        return None if plan is None else plan.describe()

@@ -135,7 +135,7 @@ class HostCopy:
                 with op_range("offload::h2d", self.backend.device.type == "cuda"):
                     self.device_bytes, self.h2d_event = self.backend.h2d(
                         [b.view for b in self.blocks], self.nbytes, after=self.d2h_event, label=self.label)
-                self.stats.add_reload(self.h2d_event, prefetch=prefetch)
+                self.stats.add_reload(self.h2d_event, prefetch=prefetch, buf=self.device_bytes)
             return self.device_bytes, self.h2d_event
 
     def materialize(self) -> torch.Tensor:

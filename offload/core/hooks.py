@@ -326,11 +326,16 @@ class ForwardPass:
 
     def _count(self, key: StorageWeakRef, t: torch.Tensor, seg: Segment, action: str | None) -> None:
         """Count a storage's bytes once per forward, under the first action it got (None: a
-        parameter or buffer, never moved)."""
+        parameter or buffer, never moved); what stays on the device counts as resident."""
+        if action in ("kept", "offloaded"):  # on the device until freed: kept, or the source of a D2H
+            self.rt.residency.track(t, "kept" if action == "kept" else "in_flight")
         if key in self._counted:
             return
         self._counted.add(key)
-        seg.saved[action] = seg.saved.get(action, 0) + t.untyped_storage().nbytes()
+        nbytes = t.untyped_storage().nbytes()
+        seg.saved[action] = seg.saved.get(action, 0) + nbytes
+        if action == "kept" and nbytes < self.settings.min_offload_bytes:
+            self.stats.add_small(nbytes)
 
     # -- backward ----------------------------------------------------------------------------------
     def _backward_hook(self, seg_index: int):

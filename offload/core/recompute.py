@@ -64,7 +64,7 @@ class RecomputeFrame:
 
     def __init__(self, name: str, forward: Callable, args: tuple, kwargs: dict, device: torch.device,
                  pack_input: Callable[[torch.Tensor], Any], guard: ReplayGuard,
-                 on_replay: Callable[[str, object, object], None], mark: Callable[[], object]):
+                 on_replay: Callable[[str, object, object, list], None], mark: Callable[[], object]):
         self.name = name
         self.forward = forward
         self.device = device
@@ -124,7 +124,8 @@ class RecomputeFrame:
                         f"backward, but its forward saved {len(self.meta)}. The region's forward must "
                         f"do the same work when replayed: avoid branching on global state or on values "
                         f"that change between forward and backward.")
-            self.on_replay(self.name, start, self.mark())
+            refilled = [slot.value for i in needed if (slot := self.slots[i]()) is not None and slot.value is not None]
+            self.on_replay(self.name, start, self.mark(), refilled)
 
     def _replay_inputs(self) -> tuple[tuple, dict]:
         flat = []

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..observe.hostmem import available_host_bytes
+from ..observe.residency import Residency
 from ..observe.stats import StepStats
 from ..transfer.backend import TransferBackend
 from ..transfer.hostpool import HostPool
@@ -66,29 +67,41 @@ class Runtime:
         self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.unsettled: collections.deque = collections.deque()  # weakrefs to HostCopy, D2H order
         self.expected_calls = 0  # region calls the last complete forward made
-        self.stats = self._new_stats(0)
+        self.residency = Residency()  # saved-activation bytes on the device, measured
+        self.step_listeners: list[weakref.WeakMethod] = []  # called with each finished step
+        self.stats = self._new_stats(1)
         self.backward_seen = False
         self.warned_cache = False
         self.warned_fallback = False
 
     # -- steps ---------------------------------------------------------------------------------
     def begin_step(self) -> None:
-        """A forward after a backward starts a new step."""
-        self.stats = self._new_stats(self.stats.step + 1)
+        """A forward after a backward starts a new step (steps are numbered from 1)."""
+        done = self.finish_step()
+        for ref in list(self.step_listeners):
+            listener = ref()
+            if listener is None:
+                self.step_listeners.remove(ref)
+            else:
+                listener(done)
+        self.stats = self._new_stats(done.step + 1)
         self.pool.reset_high_water()
         self.backward_seen = False
 
     def _new_stats(self, step: int) -> StepStats:
-        stats = StepStats(step=step)
+        stats = StepStats(step=step, saved_series=self.residency.start_step(), residency=self.residency)
         if self.settings.verify is not None:
             stats.verify = VerifyLog(mode="strict" if self.settings.verify.strict else "on")
         return stats
 
     def finish_step(self) -> StepStats:
-        """The current step's counters, with the pool's figures brought up to date."""
-        self.stats.host_in_use = self.pool.in_use
-        self.stats.host_high_water = max(self.stats.host_high_water, self.pool.high_water)
-        return self.stats
+        """The current step's counters, with the pool's and the residency's figures brought up to date."""
+        s, res = self.stats, self.residency
+        s.host_in_use = self.pool.in_use
+        s.host_high_water = max(s.host_high_water, self.pool.high_water)
+        s.saved_peak_bytes, s.saved_peak_parts = res.peak, dict(res.peak_parts)
+        s.saved_kind_peaks = dict(res.kind_peaks)
+        return s
 
     def note_backward(self, stats: StepStats) -> None:
         """A backward touched this runtime's graph: time it, once per backward pass."""

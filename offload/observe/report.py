@@ -2,7 +2,8 @@
 
 Printed, it is a table; `to_dict()` / `to_json()` give the same figures for tools;
 `save_trace(path)` writes a Chrome trace (Perfetto, chrome://tracing) with the compute, D2H and
-H2D streams as tracks and NVML samples as counters; `plot(path)` draws the step (matplotlib).
+H2D streams as tracks and NVML samples as counters, on torch.profiler's clock; `plot(path)` draws
+the step (matplotlib).
 """
 from __future__ import annotations
 
@@ -10,26 +11,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .units import fmt_bytes, fmt_error, fmt_ms as _ms
+
 if TYPE_CHECKING:
     from ..core.runtime import Runtime
     from .monitor import Monitor
     from .stats import StepStats
     from .timeline import ResolvedTimeline
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def _ms(s: float | None) -> str:
-    return "n/a" if s is None else f"{s * 1e3:.2f} ms"
-
 
 @dataclass
 class Report:
@@ -68,8 +56,18 @@ class Report:
     host_high_water: int
     param_bytes: int | None
     grad_bytes: int | None
+    # the device budget against saved activations on the device, measured over the step
+    device_budget: int  # bytes in force (the user's, or free device memory less headroom now)
+    device_budget_default: bool  # True: no device_budget was given
+    saved_peak_bytes: int  # kept + in flight + reloaded + recomputed, at the worst moment
+    saved_peak_parts: dict  # those four at that moment
+    over_budget: bool
+    min_offload_bytes: int
+    small_count: int  # storages kept because they are below min_offload_bytes
+    small_bytes: int
     segments: list[dict] = field(default_factory=list)
-    # the plan, when policy="auto"
+    # the plan, when policy="auto": `planview.describe`'s figures, per-segment rows and notes,
+    # plus step_error / peak_error: measured / predicted - 1
     predicted: dict | None = None
     # verify mode: tensors compared, mismatches, max abs diff, per segment and the first mismatch
     verify: dict | None = None
@@ -77,6 +75,7 @@ class Report:
     monitor: dict | None = None
     _timeline: "ResolvedTimeline | None" = field(default=None, repr=False, compare=False)
     _samples: list = field(default_factory=list, repr=False, compare=False)
+    _saved_series: list = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def build(cls, rt: "Runtime", s: "StepStats", monitor_: "Monitor | None" = None) -> "Report":
@@ -108,6 +107,12 @@ class Report:
             monitor = summarize(samples) if samples else {"samples": 0}
             monitor["nvml_available"] = monitor_.nvml_available
             monitor["nvml_reason"] = monitor_.nvml_reason
+        budget = rt.device_budget()
+        predicted = rt.policy.prediction()
+        if predicted is not None:
+            predicted["step_error"] = step_s / predicted["step_s"] - 1 if step_s and predicted["step_s"] else None
+            predicted["peak_error"] = (s.saved_peak_bytes / predicted["peak_bytes"] - 1
+                                       if predicted["peak_bytes"] else None)
         return cls(
             step=s.step, policy=str(rt.settings.policy_name), backend=backend.name, forwards=s.forwards,
             kept_bytes=s.kept_bytes, offloaded_bytes=s.offloaded_bytes, recomputed_bytes=s.recomputed_bytes,
@@ -121,27 +126,45 @@ class Report:
             overlap_fraction=tl.overlap_fraction(), stall_s=tl.stall_s(),
             prefetch_hits=s.prefetch_hits, prefetch_misses=s.prefetch_misses,
             host_budget=rt.settings.host_budget, host_reserved=rt.pool.reserved, host_in_use=s.host_in_use,
-            host_high_water=s.host_high_water, param_bytes=params, grad_bytes=grads, segments=segs,
-            predicted=rt.policy.prediction(), monitor=monitor, _timeline=tl, _samples=samples,
+            host_high_water=s.host_high_water, param_bytes=params, grad_bytes=grads,
+            device_budget=budget, device_budget_default=rt.settings.device_budget is None,
+            saved_peak_bytes=s.saved_peak_bytes, saved_peak_parts=dict(s.saved_peak_parts),
+            over_budget=s.saved_peak_bytes > budget, min_offload_bytes=rt.settings.min_offload_bytes,
+            small_count=s.small_count, small_bytes=s.small_bytes, segments=segs,
+            predicted=predicted, monitor=monitor, _timeline=tl, _samples=samples,
+            _saved_series=list(s.saved_series),
             verify=s.verify.to_dict() if s.verify is not None else None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("_timeline")
-        d.pop("_samples")
+        for name in ("_timeline", "_samples", "_saved_series"):
+            d.pop(name)
         return d
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
-    def save_trace(self, path: str) -> None:
-        """A Chrome trace of the step: compute / D2H / H2D tracks, NVML and RSS as counters."""
-        self._timeline.save_trace(path, counters=_counters(self._samples))
+    def save_trace(self, path: str, profiler: Any = None) -> None:
+        """A Chrome trace of the step: compute / D2H / H2D tracks, saved activations, NVML and RSS
+        as counters, on torch.profiler's clock. `profiler`: a finished `torch.profiler.profile`,
+        or the path of its exported trace; the file then holds its events and ours, aligned."""
+        from .trace import StepTrace, write_trace
+        write_trace(path, [StepTrace(self.step, self._timeline, self._saved_series)], self._samples, profiler)
 
     def plot(self, path: str) -> None:
-        """A PNG of stream activity and device/host memory over the step (needs matplotlib)."""
+        """A PNG of the streams and of saved activations on the device against the device budget
+        over the step (and NVML / RSS samples when a Monitor is attached); needs matplotlib."""
         from .plot import plot_step
-        plot_step(self._timeline, self._samples, path, title=f"step {self.step}, policy={self.policy}")
+        plot_step(self._timeline, self._samples, path, **self._plot_args())
+
+    def figure(self):
+        """The figure `plot` saves, as a matplotlib Figure to adjust or show (close it when done)."""
+        from .plot import step_figure
+        return step_figure(self._timeline, self._samples, **self._plot_args())
+
+    def _plot_args(self) -> dict:
+        return dict(title=f"step {self.step}, policy={self.policy}", saved_series=self._saved_series,
+                    device_budget=self.device_budget)
 
     def __str__(self) -> str:
         moved = self.offloaded_bytes > 0
@@ -150,7 +173,16 @@ class Report:
             ("step", f"{self.step} ({self.forwards} forward(s)), policy={self.policy}, backend={self.backend}"),
             ("step time", f"{_ms(self.step_s)} (forward {_ms(self.forward_s)}, backward {_ms(self.backward_s)}, "
                           f"recompute {_ms(self.recompute_s)} in {self.replays} replays)"),
+            ("device budget", fmt_bytes(self.device_budget)
+             + (" (none given: free device memory less 10%, now)" if self.device_budget_default else "")),
+            ("saved activations, peak", self._peak_line()),
             ("activations kept on device", fmt_bytes(self.kept_bytes)),
+        ]
+        if self.small_count:
+            rows.append((f"below min_offload_bytes ({fmt_bytes(self.min_offload_bytes)})",
+                         f"{self.small_count} tensors, {fmt_bytes(self.small_bytes)} kept (too small to be "
+                         f"worth a copy)"))
+        rows += [
             ("offloaded to host", fmt_bytes(self.offloaded_bytes)),
             ("dropped for recompute", fmt_bytes(self.recomputed_bytes)),
             ("fallbacks (host pool full)", f"{self.fallback_count} ({fmt_bytes(self.fallback_bytes)})"),
@@ -172,10 +204,15 @@ class Report:
             rows.append(("parameters / gradients", f"{fmt_bytes(self.param_bytes)} / {fmt_bytes(self.grad_bytes)}"))
         if self.predicted:
             p = self.predicted
-            rows.append(("plan: predicted step / measured", f"{_ms(p.get('step_s'))} / {_ms(self.step_s)}"))
-            rows.append(("plan: predicted peak activations", fmt_bytes(p.get("peak_bytes"))))
-            rows.append(("plan: offload / recompute predicted", f"{fmt_bytes(p.get('offloaded_bytes'))} / "
-                                                                f"{fmt_bytes(p.get('recomputed_bytes'))}"))
+            rows.append(("plan: step predicted / measured", f"{_ms(p['step_s'])} / {_ms(self.step_s)} "
+                                                            f"({fmt_error(self.step_s, p['step_s'])})"))
+            rows.append(("plan: peak predicted / measured", f"{fmt_bytes(p['peak_bytes'])} / "
+                                                            f"{fmt_bytes(self.saved_peak_bytes)} "
+                                                            f"({fmt_error(self.saved_peak_bytes, p['peak_bytes'])})"))
+            rows.append(("plan: offloaded predicted / measured", f"{fmt_bytes(p['offloaded_bytes'])} / "
+                                                                 f"{fmt_bytes(self.offloaded_bytes)}"))
+            rows.append(("plan: recomputed predicted / measured", f"{fmt_bytes(p['recomputed_bytes'])} / "
+                                                                  f"{fmt_bytes(self.recomputed_bytes)}"))
         if self.monitor is not None:
             m = self.monitor
             if m.get("nvml_available"):
@@ -194,6 +231,9 @@ class Report:
                                                        f"{first['op']}, max abs diff {first['max_abs_diff']:.3g}"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        if self.predicted:
+            from .planview import format_plan
+            lines += ["", format_plan(self.predicted)]
         shown = [sg for sg in self.segments if sg["kept"] or sg["offloaded"] or sg["recomputed"]]
         if shown:
             lines += ["", f"{'segment':<24} {'kept':>10} {'offloaded':>10} {'recomputed':>10} "
@@ -203,6 +243,16 @@ class Report:
                              f"{fmt_bytes(sg['recomputed']):>10} {_num_ms(sg['forward_s']):>8} "
                              f"{_num_ms(sg['backward_s']):>8}")
         return "\n".join(lines)
+
+
+    def _peak_line(self) -> str:
+        parts = ", ".join(f"{kind.replace('_', ' ')} {fmt_bytes(n)}" for kind, n in self.saved_peak_parts.items())
+        if self.over_budget:
+            verdict = f"over the device budget by {fmt_bytes(self.saved_peak_bytes - self.device_budget)}"
+        else:
+            share = self.saved_peak_bytes / self.device_budget if self.device_budget else 0.0
+            verdict = f"within the device budget ({share:.0%} of it)"
+        return f"{fmt_bytes(self.saved_peak_bytes)} measured, {verdict}; at the peak: {parts or 'nothing'}"
 
 
 def _gbps(x: float | None) -> str:
@@ -230,29 +280,3 @@ def _param_and_grad_bytes(model) -> tuple[int | None, int | None]:
             g = local(p.grad)
             grads[StorageWeakRef(g.untyped_storage())] = g.untyped_storage().nbytes()
     return sum(params.values()), sum(grads.values())
-
-
-def _counters(samples) -> list[tuple[float, str, dict[str, Any]]]:
-    out = []
-    prev = None
-    for x in samples:
-        if x.rss_bytes is not None:
-            out.append((x.time_s, "host RSS (MiB)", {"rss": x.rss_bytes / 2**20}))
-        r = x.nvml
-        if r is not None:
-            if r.memory_used_bytes is not None:
-                series = {"used": r.memory_used_bytes / 2**20}
-                if r.memory_reserved_bytes is not None:
-                    series["reserved"] = r.memory_reserved_bytes / 2**20
-                out.append((x.time_s, "device memory (MiB)", series))
-            if prev is not None and prev.nvml is not None:
-                from .nvml import pcie_delta
-                tx, rx = pcie_delta(prev.nvml, r)
-                dt = x.time_s - prev.time_s
-                if tx is not None and rx is not None and dt > 0:
-                    out.append((x.time_s, "PCIe (GB/s)", {"tx": tx / dt / 1e9, "rx": rx / dt / 1e9}))
-            elif r.pcie_tx_kbps is not None and r.pcie_rx_kbps is not None:
-                out.append((x.time_s, "PCIe (GB/s)", {"tx": r.pcie_tx_kbps * 1024 / 1e9,
-                                                      "rx": r.pcie_rx_kbps * 1024 / 1e9}))
-        prev = x
-    return out

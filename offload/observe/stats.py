@@ -1,14 +1,18 @@
 """Counters of one training step: what was kept, moved, dropped, and how long compute waited.
 
 A step starts at the first `with hc:` forward after a backward and ends where the next one
-starts; several forwards before one backward are one step. Unpack hooks run on autograd's
-threads (Rule 8), so every update takes the lock.
+starts; several forwards before one backward are one step. Steps are numbered from 1. Unpack
+hooks run on autograd's threads (Rule 8), so every update takes the lock.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Sequence
 
+import torch
+
+from .residency import Residency
 from .timeline import Timeline
 from ..transfer.backend import CopyEvent
 
@@ -27,7 +31,7 @@ class SegmentBytes:
 class StepStats:
     """The runtime's own account of one step."""
 
-    step: int = 0
+    step: int = 1
     forwards: int = 0
     kept_bytes: int = 0
     offloaded_bytes: int = 0
@@ -35,6 +39,8 @@ class StepStats:
     fallback_count: int = 0  # offloads refused because the host pool was full
     fallback_bytes: int = 0
     skipped_param_bytes: int = 0  # parameter/buffer storages seen and never moved
+    small_count: int = 0  # storages kept because they are below min_offload_bytes
+    small_bytes: int = 0
     d2h_bytes: int = 0
     h2d_bytes: int = 0
     prefetch_hits: int = 0  # reloads issued ahead of backward
@@ -42,9 +48,16 @@ class StepStats:
     replays: int = 0
     host_high_water: int = 0
     host_in_use: int = 0
+    # saved-activation bytes on the device, measured (Residency): the peak, its kinds then, each
+    # kind's own peak, and the curve (time.perf_counter(), bytes); filled in by Runtime.finish_step
+    saved_peak_bytes: int = 0
+    saved_peak_parts: dict[str, int] = field(default_factory=dict)
+    saved_kind_peaks: dict[str, int] = field(default_factory=dict)
+    saved_series: list[tuple[float, int]] = field(default_factory=list, repr=False, compare=False)
     segments: dict[int, SegmentBytes] = field(default_factory=dict)
     verify: object | None = None  # core.verify.VerifyLog in verify mode
     timeline: Timeline = field(default_factory=Timeline, repr=False, compare=False)
+    residency: Residency | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_saved(self, segment: int, name: str, action: str, nbytes: int) -> None:
@@ -54,6 +67,12 @@ class StepStats:
                 seg = self.segments[segment] = SegmentBytes(name)
             setattr(seg, action, getattr(seg, action) + nbytes)
             setattr(self, f"{action}_bytes", getattr(self, f"{action}_bytes") + nbytes)
+
+    def add_small(self, nbytes: int) -> None:
+        """A storage kept because it is below min_offload_bytes."""
+        with self._lock:
+            self.small_count += 1
+            self.small_bytes += nbytes
 
     def add_fallback(self, nbytes: int) -> None:
         with self._lock:
@@ -65,7 +84,10 @@ class StepStats:
             self.d2h_bytes += event.record.nbytes
         self.timeline.add_copy(event)
 
-    def add_reload(self, event: CopyEvent, prefetch: bool) -> None:
+    def add_reload(self, event: CopyEvent, prefetch: bool, buf: torch.Tensor | None = None) -> None:
+        """A reload was issued; `buf` (its device buffer) counts as resident until freed."""
+        if buf is not None and self.residency is not None:
+            self.residency.track(buf, "reloaded")
         with self._lock:
             self.h2d_bytes += event.record.nbytes
             if prefetch:
@@ -77,7 +99,11 @@ class StepStats:
     def add_wait(self, reached: object, event: CopyEvent) -> None:
         self.timeline.add_wait(reached, event)
 
-    def add_replay(self, name: str, start: object, end: object) -> None:
+    def add_replay(self, name: str, start: object, end: object, refilled: Sequence[torch.Tensor] = ()) -> None:
+        """A region was replayed; the tensors it `refilled` count as resident until freed."""
+        if self.residency is not None:
+            for t in refilled:
+                self.residency.track(t, "recomputed")
         with self._lock:
             self.replays += 1
         self.timeline.add_compute("recompute", name, start, end)

@@ -2,7 +2,8 @@
 
 Marks are recorded cheaply during the step (host times on the emulation, CUDA events on a GPU)
 and resolved only when a report is asked for. All times are `time.perf_counter()` seconds, the
-clock the `Monitor` samples on, so NVML samples line up with our own intervals.
+clock the `Monitor` samples on, so NVML samples line up with our own intervals; traces convert
+them to torch.profiler's clock (trace.py).
 
     overlap fraction = |transfer busy ∩ compute busy| / |transfer busy|
     compute busy     = forward ∪ backward ∪ recompute, less the time compute waited on reloads
@@ -10,10 +11,9 @@ clock the `Monitor` samples on, so NVML samples line up with our own intervals.
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from ..transfer.backend import CopyEvent, TransferBackend
 
@@ -135,33 +135,6 @@ class ResolvedTimeline:
 
     def bytes(self, track: str) -> int:
         return sum(s.nbytes for s in self.of(track))
-
-    def chrome_trace(self, counters: Sequence[tuple[float, str, dict]] = ()) -> dict:
-        """Chrome trace JSON (opens in Perfetto / chrome://tracing): one track per stream,
-        `counters` as (time, name, {series: value}) counter events."""
-        t0 = self.bounds[0] if self.bounds else 0.0
-        tids = {"compute": 1, "d2h": 2, "h2d": 3}
-        events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "offload runtime"}}]
-        for name, tid in tids.items():
-            events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name",
-                           "args": {"name": {"compute": "compute stream", "d2h": "D2H stream",
-                                             "h2d": "H2D stream"}[name]}})
-            events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_sort_index",
-                           "args": {"sort_index": tid}})
-        for s in self.spans:
-            ev = {"ph": "X", "pid": 1, "tid": tids[s.track], "cat": s.kind,
-                  "name": f"{s.kind} {s.label}".strip(), "ts": (s.start - t0) * 1e6,
-                  "dur": max(0.0, s.end - s.start) * 1e6}
-            if s.nbytes:
-                ev["args"] = {"bytes": s.nbytes}
-            events.append(ev)
-        for t, name, values in counters:
-            events.append({"ph": "C", "pid": 1, "name": name, "ts": (t - t0) * 1e6, "args": values})
-        return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-    def save_trace(self, path: str, counters: Sequence[tuple[float, str, dict]] = ()) -> None:
-        with open(path, "w") as f:
-            json.dump(self.chrome_trace(counters), f)
 
 
 def union(intervals: Iterable[Interval]) -> list[Interval]:
