@@ -221,6 +221,18 @@ def test_tp_gradients_bitwise_equal_and_dtensors_moved_by_their_shard(tp_ranks, 
         assert results[0]["plan"] == results[1]["plan"]
 
 
+def test_tp_auto_ranks_with_different_budgets_run_one_plan(tp_ranks):
+    """Alone, rank 0 (a budget 4x what keeping needs) would keep every block and rank 1 (half
+    of it) recompute them: a replay's collectives on one rank would then meet other collectives
+    on the other (a hang). The ranks plan under the smaller budget and run one plan."""
+    results = case(tp_ranks, "tp-sp-auto-uneven")
+    for rank, res in enumerate(results):
+        assert res["bad"] == [], f"rank {rank}: {res['bad'][:10]}"
+        assert "recompute" in res["plan"]
+        assert res["stats"]["replays"] == res["plan"].count("recompute")
+    assert results[0]["plan"] == results[1]["plan"]
+
+
 def test_tp_mixed_policy_reloads_and_replays_equal_what_was_saved(tp_ranks):
     """Even blocks recomputed, odd ones offloaded, verify="strict": every reloaded or
     recomputed DTensor equals the one saved, and the gradients are bitwise equal."""

@@ -17,13 +17,18 @@ Recompute needs nothing of its own on the CPU: DTensor's random ops draw from th
 generator there. On CUDA its RNG tracker keeps its offsets in the device generator's state,
 which the replay restores (Rule 7), so dropout replays exactly too.
 
+Ranks of one mesh must also recompute the same regions, since a replay runs the region's
+collectives again: under policy="auto" the ranks of the meshes an activation was saved on
+plan under their smallest budget and all run the first rank's plan (`smallest_over`,
+`first_rank_value`; measured times differ between ranks, and so could their plans).
+
 `torch.distributed.tensor` is never imported here: a DTensor exists only once it was, so a
 process that never made one never loads it.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -65,3 +70,31 @@ def rebuild(local: torch.Tensor, spec: Any) -> torch.Tensor:
     if spec is None:
         return local
     return _dtensor_class()(local, spec, requires_grad=False)
+
+
+def _groups(meshes: Iterable[Any]) -> list:
+    """One process group per dimension (of more than one rank) of each mesh."""
+    return [mesh.get_group(d) for mesh in meshes for d in range(mesh.ndim) if mesh.size(d) > 1]
+
+
+def smallest_over(meshes: Iterable[Any], value: int) -> int:
+    """The smallest `value` of the ranks of `meshes` (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    for group in _groups(meshes):
+        values: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(values, value, group=group)
+        value = min(values)
+    return value
+
+
+def first_rank_value(meshes: Iterable[Any], value: Any) -> Any:
+    """The `value` of the first rank of `meshes` (its coordinate 0 in every dimension), on
+    every rank (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    for group in _groups(meshes):
+        box = [value]
+        dist.broadcast_object_list(box, group=group, group_src=0)
+        value = box[0]
+    return value

@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
-from .dtensor import data_of, storage
+from .dtensor import data_of, spec_of, storage
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
@@ -84,6 +84,7 @@ class ForwardPass:
         self.input_bytes: dict[int, int] = {}  # region segment -> bytes of its tensor inputs
         self.lookahead = 0  # segments ahead for prefetch, fixed when the forward closes
         self.verifier: Verifier | None = None  # verify mode: references taken at pack
+        self.meshes: dict = {}  # device meshes of the DTensors saved, in first-save order
 
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
@@ -319,6 +320,9 @@ class ForwardPass:
         entry = self._seen.get(key)
         if entry is None:
             self._seen[key] = [k, seg.index, storage(t).nbytes(), not param and self._offloadable(t), -1]
+            spec = spec_of(t)
+            if spec is not None:
+                self.meshes[spec.mesh] = None
             return True
         if entry[1] != seg.index:
             entry[4] = seg.index

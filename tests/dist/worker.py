@@ -435,6 +435,10 @@ def tp_cases(rank: int, world: int) -> dict:
         attempt(out, f"{mode}-auto", lambda: tp_train(mesh, sp, "auto", refs[1], rank, device_budget=kept // 2))
         if not sp:
             continue
+        # Budgets that differ between ranks, as device_budget="40%" of each GPU's free memory can:
+        # alone, rank 0 would keep every block and rank 1 recompute them.
+        uneven = 4 * kept if rank == 0 else kept // 2
+        attempt(out, f"{mode}-auto-uneven", lambda: tp_train(mesh, sp, "auto", refs[1], rank, device_budget=uneven))
         attempt(out, f"{mode}-mixed-verify", lambda: tp_train(mesh, sp, even_recomputed_odd_offloaded, refs[1],
                                                              rank, verify="strict"))
         attempt(out, f"{mode}-reference-retain", lambda: reference(backwards=2))
