@@ -6,13 +6,16 @@ link moves 100 bytes/s each way with no latency, so a micro-batch's copy of one 
 """
 from __future__ import annotations
 
+import io
 import itertools
 
 import pytest
 
-from scheduler import Profile, SegmentRecord, TensorRecord, simulate
+from scheduler import Profile, SegmentRecord, TensorRecord, get_hardware, simulate
 from scheduler.pipeline import (Schedule, live_microbatches, orders, plan_pipeline, simulate_pipeline,
                                 split_stages, stage_order, uniform_costs, uniform_pipeline)
+from scheduler.synth import transformer_profile
+from scheduler.whatif import main as whatif
 
 GPIPE, ONE_F_ONE_B = Schedule.GPIPE, Schedule.ONE_F_ONE_B
 
@@ -248,3 +251,32 @@ def test_plan_respects_the_host_budget():
     p = plan_pipeline(stages, ONE_F_ONE_B, 4, 300, host_budget=0)
     assert p.fits and all(s.peak_host_bytes == 0 for s in p.timeline.stages)
     assert "O" not in p.mix() and "r" not in p.mix()
+
+
+# -- what-if -----------------------------------------------------------------------------------------
+
+def test_whatif_prints_per_stage_peaks_for_every_contender():
+    out = io.StringIO()
+    assert whatif(["--model", "llama3-8b", "--seq", "1024", "--hardware", "h100-pcie", "--pp", "4",
+                   "--microbatches", "4", "--schedule", "gpipe", "--budgets", "100,50"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert "pipeline: 4 stages x 4 micro-batches, gpipe" in lines[1]
+    assert sum("holds up to 4 micro-batches" in line for line in lines) == 4
+    header = next(line for line in lines if line.startswith("budget"))
+    assert all(f"s{i} GiB" in header for i in range(4))
+    start = lines.index(header) + 1
+    rows = lines[start:start + 8]
+    assert [r.split()[2 if i % 4 == 0 else 0] for i, r in enumerate(rows)] == \
+        ["keep-all", "full", "offload-all", "plan"] * 2
+    assert all(len(row.split()[-1].split("/")) == 4 for row in rows)
+    assert lines[start + 8:start + 9] in ([], [""])
+
+
+def test_whatif_pipeline_keep_all_matches_the_model():
+    """The keep-all peak of stage 0 under 1F1B is N micro-batches of its saved bytes."""
+    hw = get_hardware("h100-pcie")
+    stages = split_stages(transformer_profile("llama3-8b", hw, seq=1024), 4)
+    keep = uniform_pipeline(stages, ONE_F_ONE_B, 8, "K")
+    assert [s.live for s in keep.timeline.stages] == [4, 3, 2, 1]
+    assert [s.peak_device_bytes for s in keep.timeline.stages] == \
+        [k * p.total_saved_bytes for k, p in zip((4, 3, 2, 1), stages)]
