@@ -37,14 +37,17 @@ The simulation (`simulate_pipeline`), all stages together; units: seconds and by
 4. Host bytes of a stage: what a micro-batch moves, from its D2H's start to its backward's end.
 
 The plan (`plan_pipeline`): start from keeping everything; while a stage is over budget, take
-the change of one micro-batch's action that removes the most bytes of overrun per second it
-adds to the step (a change that adds nothing scores infinitely), ties to the longest-lived
-micro-batch: hidden offloads of the oldest come first, recompute where the link cannot hide the
-bytes. Then change single actions while that shortens the step within the budget. If that
-stalls over budget, the least-memory assignment (every micro-batch on its stage's option that
-keeps the fewest bytes) is relaxed the same way instead: the plan is never over budget when
-that assignment fits. Nor is it slower than full recompute, offload-all or recompute with the
-inputs offloaded when one of them fits: it is then relaxed from there.
+the change of one micro-batch's action on it that removes the most byte-seconds over budget
+per second it adds to the step (a change that adds nothing scores infinitely; byte-seconds,
+unlike the peak, fall with each micro-batch that holds less where the peak recurs), ties to
+fewer replayed seconds (a copy the link hides before a replay hidden in a stage's idle time),
+then to the longest-lived micro-batch. So hidden offloads come first, the oldest first, and
+recompute where the link cannot hide the bytes. Then single actions change while the key
+(overrun, step, replayed seconds, bytes moved) improves. If that stalls over budget, the
+least-memory assignment (every micro-batch on its stage's option that keeps the fewest bytes)
+is relaxed the same way instead: the plan is never over budget when that assignment fits. Nor
+is it slower than full recompute, offload-all or recompute with the inputs offloaded when one
+of them fits: it is then relaxed from there.
 
 Pure Python; stages are cut from a `Profile` (`split_stages`), and the per-micro-batch options
 include `scheduler.plan`'s plan for one micro-batch under the stage's budget share.
