@@ -11,6 +11,7 @@ from scheduler.plan import Action
 
 from .core.attach import Attachment
 from .core.budget import Budget, local_world_size, parse_budget
+from .core.dtensor import storage
 from .core.errors import OffloadError, warn
 from .core.hooks import ForwardPass
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
@@ -137,8 +138,8 @@ class HybridCheckpointer:
             self.monitor = Monitor(self.device).start()
         params = set()
         if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
-            params = {p.untyped_storage()._cdata for p in self.model.parameters()}
-            params |= {b.untyped_storage()._cdata for b in self.model.buffers()}
+            params = {storage(p)._cdata for p in self.model.parameters()}  # a DTensor's: its shard's
+            params |= {storage(b)._cdata for b in self.model.buffers()}
         fp = ForwardPass(rt, params)
         rt.policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)

@@ -1,12 +1,19 @@
 """What if: keep-all, full recompute, offload-all and the planner on a synthetic model.
 
     python -m scheduler.whatif --model llama3-8b --seq 8192 --hardware h100-pcie \
-        [--batch 1] [--budgets 100,70,50,30,15] [--host-budget GIB] [--no-flash]
+        [--batch 1] [--budgets 100,70,50,30,15] [--host-budget GIB] [--no-flash] \
+        [--pp N --microbatches M --schedule {gpipe,1f1b}]
 
 For each device budget (a percentage of the keep-all activation bytes) it prints the
 simulated step time and peak memory of the three uniform policies and of `scheduler.plan`,
 whether each fits the budget, and the plan's mix of actions. Everything is predicted from
 `synth.transformer_profile`; no GPU is involved.
+
+With --pp (pipeline stages) or --microbatches, the model is cut into stages and the table is
+per stage (`scheduler.pipeline`): budgets are per stage, a percentage of the largest keep-all
+stage peak; the plan chooses each micro-batch's action on each stage (mix: per stage, one
+letter per micro-batch: K keep, O offload, P planned per segment, R recompute, r recompute
+with its inputs offloaded).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from collections import Counter
 from typing import Sequence, TextIO
 
 from .hardware import PRESETS, get_hardware
+from .pipeline import Schedule, plan_pipeline, split_stages, uniform_pipeline
 from .plan import Action, Plan
 from .planner import plan, plan_uniform
 from .synth import MODELS, transformer_profile
@@ -65,9 +73,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--host-budget", type=float, default=None, metavar="GIB",
                         help="pinned host budget in GiB (default: no limit)")
     parser.add_argument("--no-flash", action="store_true", help="eager attention (s^2 terms)")
+    parser.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline stages (per-stage table)")
+    parser.add_argument("--microbatches", type=int, default=1, metavar="M", help="micro-batches per step")
+    parser.add_argument("--schedule", choices=[s.value for s in Schedule], default=Schedule.ONE_F_ONE_B.value,
+                        help="pipeline schedule (default 1f1b)")
     args = parser.parse_args(argv)
-    if args.seq < 1 or args.batch < 1:
-        parser.error(f"--seq and --batch must be >= 1, got {args.seq} and {args.batch}")
+    if min(args.seq, args.batch, args.pp, args.microbatches) < 1:
+        parser.error(f"--seq, --batch, --pp and --microbatches must be >= 1, got {args.seq}, {args.batch}, "
+                     f"{args.pp} and {args.microbatches}")
     if args.host_budget is not None and args.host_budget < 0:
         parser.error(f"--host-budget must be >= 0 GiB, got {args.host_budget}")
 
@@ -84,6 +97,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
           f"{'eager' if args.no_flash else 'flash'} attention  on {hw.name}: "
           f"D2H {hw.bw_d2h / 1e9:.0f} GB/s, H2D {hw.bw_h2d / 1e9:.0f} GB/s, "
           f"{hw.peak_flops / 1e12:.0f} TFLOP/s x MFU {hw.mfu:.2f}", file=out)
+    if args.pp > 1 or args.microbatches > 1:
+        return _pipeline(profile, args, host, out)
     print(f"keep-all activations {total / GiB:.2f} GiB over {len(profile.segments)} segments; "
           f"host budget {'none' if host is None else f'{host / GiB:.1f} GiB'}", file=out)
     print(file=out)
@@ -105,6 +120,52 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                          f"{p.predicted_host_bytes / GiB:.2f}", "yes" if fits else "no",
                          mix(p)])
     for line in _table(rows, right={0, 1, 3, 4, 5, 6}):
+        print(line, file=out)
+    if notes:
+        print(file=out)
+    for note in notes:
+        print(note, file=out)
+    return 0
+
+
+def _pipeline(profile, args, host: int | None, out: TextIO) -> int:
+    """The per-stage table of --pp/--microbatches (module docstring)."""
+    schedule, m = Schedule(args.schedule), args.microbatches
+    try:
+        stages = split_stages(profile, args.pp)
+    except ValueError as e:
+        print(f"error: --pp {args.pp}: {e}", file=out)
+        return 2
+    uniform = {name: uniform_pipeline(stages, schedule, m, label)
+               for name, label in (("keep-all", "K"), ("full recompute", "R"), ("offload-all", "O"))}
+    keep = uniform["keep-all"].timeline
+    total = max(s.peak_device_bytes for s in keep.stages)
+    print(f"pipeline: {args.pp} stages x {m} micro-batches, {schedule.value}; budgets per stage, % of the "
+          f"largest keep-all stage peak {total / GiB:.2f} GiB; host budget "
+          f"{'none' if host is None else f'{host / GiB:.1f} GiB'} per stage", file=out)
+    for i, (p, s) in enumerate(zip(stages, keep.stages)):
+        print(f"  stage {i}: {p.segments[0].name} .. {p.segments[-1].name}, per micro-batch forward "
+              f"{sum(x.forward_s for x in p.segments):.3f} s, backward {sum(x.backward_s for x in p.segments):.3f} s, "
+              f"saves {p.total_saved_bytes / GiB:.2f} GiB; holds up to {s.live} micro-batch"
+              f"{'es' if s.live > 1 else ''}", file=out)
+    print(file=out)
+    rows = [["budget", "GiB", "contender", "step s", "vs keep"] + [f"s{i} GiB" for i in range(len(stages))]
+            + ["host GiB", "stall s", "fits", "mix"]]
+    notes = []
+    for pct in args.budgets:
+        budget = int(total * pct / 100)
+        ours = plan_pipeline(stages, schedule, m, budget, host)
+        notes += [f"plan at {pct:g}%: {n}" for n in ours.notes]
+        for i, (name, p) in enumerate(dict(uniform, plan=ours).items()):
+            tl = p.timeline
+            fits = all(s.peak_device_bytes <= budget and (host is None or s.peak_host_bytes <= host)
+                       for s in tl.stages)
+            rows.append([f"{pct:g}%" if i == 0 else "", f"{budget / GiB:.2f}" if i == 0 else "", name,
+                         f"{tl.step_s:.3f}", f"{100 * (tl.step_s / keep.step_s - 1):+.1f}%"]
+                        + [f"{s.peak_device_bytes / GiB:.2f}" for s in tl.stages]
+                        + [f"{max(s.peak_host_bytes for s in tl.stages) / GiB:.2f}",
+                           f"{max(s.stall_s for s in tl.stages):.3f}", "yes" if fits else "no", p.mix()])
+    for line in _table(rows, right={0, 1, 3, 4} | set(range(5, 7 + len(stages)))):
         print(line, file=out)
     if notes:
         print(file=out)

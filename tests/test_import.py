@@ -7,6 +7,7 @@ import sys
 import offload, scheduler
 import torch
 assert not torch.cuda.is_initialized(), "importing offload initialised CUDA"
+assert "torch.distributed.tensor" not in sys.modules, "importing offload imported DTensor"
 nvml = sys.modules.get("pynvml")
 if nvml is not None:
     lib = getattr(nvml, "nvmlLib", None)

@@ -9,6 +9,10 @@ Per input-shape signature (the shapes and dtypes of the model's inputs):
      budget, and runs the plan;
   3. a forward whose saved tensors differ from the profile (data-dependent shapes) still runs
      correctly (the plan only ever changes where bytes live), and its signature is profiled again.
+
+Under tensor parallelism every rank of the meshes the profiled forward saved DTensors on runs one
+plan, made under the ranks' smallest budget: a region recomputed on one rank and not on another
+would pair the collectives of its replay with other collectives (a hang or wrong gradients).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from scheduler import Plan, plan as make_plan
 from scheduler.plan import Action, SegmentPlan
 
 from ..transfer.linkprobe import measure_link
+from ..core.dtensor import first_rank_value, smallest_over
 from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
 from ..observe.planview import PlanView, explain_note, plan_mix
@@ -118,8 +123,12 @@ class AutoPolicy(Policy):
         rt.backend.settle()
         profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature)
         budget = rt.device_budget()
+        if forward.meshes:  # tensor parallelism: the ranks of a mesh plan alike (dtensor.py)
+            budget = smallest_over(forward.meshes, budget)
         reserve = min(backward_reserve(profile), budget // 2)
         plan = make_plan(profile, budget - reserve, rt.settings.host_budget, keep_last=rt.settings.keep_last)
+        if forward.meshes:
+            plan = first_rank_value(forward.meshes, plan)
         for note in plan.notes:
             if "infeasible" in note:
                 warn(f"HybridCheckpointer(policy='auto'): the plan does not fit the budgets for inputs "

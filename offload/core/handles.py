@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .dtensor import data_of, rebuild, spec_of
 from .errors import OffloadError
 from ..observe.ranges import op_range
 
@@ -154,26 +155,29 @@ class HostCopy:
 
 
 class OffloadHandle:
-    """A view of an offloaded storage: the shared host copy plus the view's geometry."""
+    """A view of an offloaded storage: the shared host copy plus the view's geometry (a
+    DTensor's: its local shard's, and its spec to rebuild it)."""
 
-    __slots__ = ("copy", "dtype", "offset", "size", "stride", "version", "ref", "where", "device")
+    __slots__ = ("copy", "dtype", "offset", "size", "stride", "version", "ref", "where", "device", "spec")
 
     def __init__(self, copy: HostCopy, t: torch.Tensor, where: str):
+        shard = data_of(t)
         self.copy = copy
         self.dtype = t.dtype
-        self.offset = t.storage_offset()
-        self.size = t.size()
-        self.stride = t.stride()
+        self.offset = shard.storage_offset()
+        self.size = shard.size()
+        self.stride = shard.stride()
         self.version = t._version
         self.ref = weakref.ref(t)  # only to check the version if the tensor still lives
         self.where = where
-        self.device = t.device
+        self.device = shard.device
+        self.spec = spec_of(t)
 
     def unpack(self) -> torch.Tensor:
         self.copy.check_unchanged(self.ref(), self.version, self.where)
         data = self.copy.materialize()
         out = torch.empty(0, dtype=self.dtype, device=self.device)
-        return out.set_(data.untyped_storage(), self.offset, self.size, self.stride)
+        return rebuild(out.set_(data.untyped_storage(), self.offset, self.size, self.stride), self.spec)
 
 
 class SlotHandle:
@@ -192,7 +196,7 @@ class SlotHandle:
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
-        self._used: tuple | None = None  # (storage weak ref, dtype, offset, size, stride, device)
+        self._used: tuple | None = None  # (storage weak ref, dtype, offset, size, stride, device, spec)
 
     def current(self) -> torch.Tensor | None:
         """The recomputed tensor if its storage is still alive, else None."""
@@ -200,11 +204,11 @@ class SlotHandle:
             return self.value
         if self._used is None:
             return None
-        ref, dtype, offset, size, stride, device = self._used
+        ref, dtype, offset, size, stride, device, spec = self._used
         storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
         if storage is None:
             return None
-        return torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride)
+        return rebuild(torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride), spec)
 
     def unpack(self) -> torch.Tensor:
         value = self.current()
@@ -215,9 +219,10 @@ class SlotHandle:
             raise OffloadError(f"offload: recompute of {self.frame.name} did not produce saved tensor "
                                f"#{self.index}; this is a bug in offload")
         # Autograd wraps what we return in a new tensor, so a weak reference to `value` itself
-        # would die at once; the storage lives as long as the node's use of it.
-        self._used = (StorageWeakRef(value.untyped_storage()), value.dtype, value.storage_offset(),
-                      value.size(), value.stride(), value.device)
+        # would die at once; the storage (a DTensor's shard's) lives as long as the node's use of it.
+        shard = data_of(value)
+        self._used = (StorageWeakRef(shard.untyped_storage()), shard.dtype, shard.storage_offset(),
+                      shard.size(), shard.stride(), shard.device, spec_of(value))
         self.value = None
         return value
 

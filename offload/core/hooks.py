@@ -7,7 +7,8 @@ between region calls. Each segment gets a plan from the policy when it starts.
 Rule 6 (filters): never offload parameters, buffers or their views (their storages are
 collected per forward and per region call, since FSDP unshards them late; and any view of a leaf
 that requires grad counts as a parameter), tensors not on the compute device, tensor subclasses
-(fake, functional, DTensor), or storages below the byte threshold.
+(fake, functional), or storages below the byte threshold. A DTensor is judged, keyed, counted and
+moved by its local shard (dtensor.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
+from .dtensor import data_of, spec_of, storage
 from .errors import warn
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
@@ -56,7 +58,7 @@ class Segment:
 
 
 def storage_key(t: torch.Tensor) -> StorageWeakRef:
-    return StorageWeakRef(t.untyped_storage())
+    return StorageWeakRef(storage(t))
 
 
 class ForwardPass:
@@ -83,6 +85,7 @@ class ForwardPass:
         self.input_bytes: dict[int, int] = {}  # region segment -> bytes of its tensor inputs
         self.lookahead = 0  # segments ahead for prefetch, fixed when the forward closes
         self.verifier: Verifier | None = None  # verify mode: references taken at pack
+        self.meshes: dict = {}  # device meshes of the DTensors saved, in first-save order
 
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
@@ -115,9 +118,9 @@ class ForwardPass:
             return
         self._current()
         for p in region.module.parameters():  # FSDP materialises unsharded parameters here
-            self.param_storages.add(p.untyped_storage()._cdata)
+            self.param_storages.add(storage(p)._cdata)
         for b in region.module.buffers():
-            self.param_storages.add(b.untyped_storage()._cdata)
+            self.param_storages.add(storage(b)._cdata)
         call = self.region_calls
         site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
         idx = len(self.segments)
@@ -135,8 +138,7 @@ class ForwardPass:
                  f"Face use_cache=True): the cache keeps every layer's keys and values alive until the step "
                  f"ends. Pass use_cache=False to the model's forward when training; recompute replays the "
                  f"layer without the cache.")
-        inputs = {x.untyped_storage()._cdata: x.untyped_storage().nbytes()
-                  for x in leaves if isinstance(x, torch.Tensor)}
+        inputs = {storage(x)._cdata: storage(x).nbytes() for x in leaves if isinstance(x, torch.Tensor)}
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
@@ -278,18 +280,18 @@ class ForwardPass:
             return False
         if not self._offloadable(t):
             return False
-        site = TensorSite(seg.site, k, tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
+        site = TensorSite(seg.site, k, tuple(t.shape), t.dtype, storage(t).nbytes())
         return policy.tensor(site, seg.plan) is Action.OFFLOAD
 
     def _offload(self, t: torch.Tensor, seg: Segment, key: StorageWeakRef) -> OffloadHandle | None:
-        nbytes = t.untyped_storage().nbytes()
+        nbytes = storage(t).nbytes()
         blocks = self.rt.pool.alloc(nbytes)
         if blocks is None:  # Rule 3: the pool is full; keep it and say so
             self.stats.add_fallback(nbytes)
             self.rt.note_fallback(nbytes, seg.name)
             return None
         try:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage(t))
         except BaseException:  # Rule 9: the blocks go back (past this point HostCopy owns them)
             self.rt.pool.free(blocks, after=[])
             raise
@@ -306,19 +308,23 @@ class ForwardPass:
         base = t._base if t._is_view() and t._base is not None else t
         if base.is_leaf and (base.requires_grad or isinstance(base, nn.Parameter)):
             return True  # frozen parameters too: moving them frees nothing
-        return t.untyped_storage()._cdata in self.param_storages
+        return storage(t)._cdata in self.param_storages
 
     def _offloadable(self, t: torch.Tensor) -> bool:
-        return (type(t) in _PLAIN and t.device == self.device and t.layout == torch.strided
-                and not t.is_conj() and not t.is_neg()
-                and t.untyped_storage().nbytes() >= self.settings.min_offload_bytes)
+        x = data_of(t)
+        return (type(x) in _PLAIN and x.device == self.device and x.layout == torch.strided
+                and not x.is_conj() and not x.is_neg()
+                and x.untyped_storage().nbytes() >= self.settings.min_offload_bytes)
 
     # -- accounting --------------------------------------------------------------------------------
     def _record(self, k: int, t: torch.Tensor, seg: Segment, key: StorageWeakRef, param: bool) -> bool:
         """Note the save for the profile; True if this is the storage's first save in this forward."""
         entry = self._seen.get(key)
         if entry is None:
-            self._seen[key] = [k, seg.index, t.untyped_storage().nbytes(), not param and self._offloadable(t), -1]
+            self._seen[key] = [k, seg.index, storage(t).nbytes(), not param and self._offloadable(t), -1]
+            spec = spec_of(t)
+            if spec is not None:
+                self.meshes[spec.mesh] = None
             return True
         if entry[1] != seg.index:
             entry[4] = seg.index
@@ -332,7 +338,7 @@ class ForwardPass:
         if key in self._counted:
             return
         self._counted.add(key)
-        nbytes = t.untyped_storage().nbytes()
+        nbytes = storage(t).nbytes()
         seg.saved[action] = seg.saved.get(action, 0) + nbytes
         if action == "kept" and nbytes < self.settings.min_offload_bytes:
             self.stats.add_small(nbytes)
