@@ -11,7 +11,7 @@ from scheduler.plan import Action
 
 from .core.budget import Budget, local_world_size, parse_budget
 from .core.errors import OffloadError
-from .core.hooks import ForwardPass
+from .core.hooks import ForwardPass, param_storage_ids
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
 from .core.regions import Region, RegionHooks, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
@@ -106,26 +106,26 @@ class HybridCheckpointer:
             fixed = AutoPolicy(self._runtime)
         self._runtime.policy = fixed
         self._active: ForwardPass | None = None
+        self._plain = False  # the active `with hc:` runs with grad off: plain PyTorch
         self._warned_hf = False
         self.monitor = monitor if not isinstance(monitor, bool) else None
         self._own_monitor = monitor is True
 
     # -- the context manager -------------------------------------------------------------------
     def __enter__(self) -> "HybridCheckpointer":
-        if self._active is not None:
+        if self._active is not None or self._plain:
             raise OffloadError("HybridCheckpointer: `with hc:` is already active (nested or concurrent "
                                "forwards under one checkpointer are not supported); use one `with` per forward")
+        if not torch.is_grad_enabled():  # no_grad, inference_mode: autograd saves nothing
+            self._plain = True
+            return self
         rt = self._runtime
-        if rt.backward_seen:
-            rt.begin_step()
         self._check_foreign_checkpointing()
         if self._own_monitor and self.monitor is None:
             from .observe.monitor import Monitor
             self.monitor = Monitor(self.device).start()
-        params = set()
-        if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
-            params = {p.untyped_storage()._cdata for p in self.model.parameters()}
-            params |= {b.untyped_storage()._cdata for b in self.model.buffers()}
+        # Rule 6: refreshed every forward (FSDP swaps parameters)
+        params = param_storage_ids(self.model) if self.model is not None else set()
         fp = ForwardPass(rt, params)
         rt.policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
@@ -143,15 +143,18 @@ class HybridCheckpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._plain:
+            self._plain = False
+            return
         fp, rt = self._active, self._runtime
         try:  # Rule 9: whatever happened in forward, the hooks come off and the state closes
             self._saved_hooks.__exit__(exc_type, exc, tb)
         finally:
             self._region_hooks.remove()
             self._active = None
-            fp.close(failed=exc_type is not None)
-            rt.stats.forwards += 1
-            rt.policy.end_forward(fp, failed=exc_type is not None)
+            if fp.close(failed=exc_type is not None):  # a forward with grad off leaves no trace
+                fp.stats.forwards += 1
+                rt.policy.end_forward(fp, failed=exc_type is not None)
 
     def _check_foreign_checkpointing(self) -> None:
         """Hugging Face's own gradient checkpointing recomputes every layer with
