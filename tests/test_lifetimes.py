@@ -7,7 +7,12 @@ probe, and the deliberate bugs listed in the issue (dedup off, host blocks freed
 reload, a forgotten copy version).
 """
 import gc
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -517,3 +522,25 @@ def test_slabs_grown_under_inference_mode_take_copies_later():
     assert_bitwise(ref, train(model, hc, steps=3))
     assert hc.stats.offloaded_bytes > 0
 
+
+# -- the soak --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_short_soak_grows_nothing(tmp_path):
+    """`python -m bench --skip-main --soak 30 --quick`: every policy, evaluation forwards included;
+    the host pool and live tensors must not grow, Python objects and blocks only by noise."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--skip-main", "--soak", "30", "--no-progress",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "py blocks" in proc.stdout
+    soak = json.loads((tmp_path / "results.json").read_text())["soak"]
+    assert [r["name"] for r in soak["results"]] == ["keep", "offload", "recompute", "auto@30%"]
+    forwards = 2 * (2 * soak["steps"] - soak["early_step"] - 1)  # between the two figures
+    for r in soak["results"]:
+        early, end = r["early"], r["end"]
+        assert end["pool_bytes"] == early["pool_bytes"] == 0, r
+        assert end["tensors"] <= early["tensors"], r
+        assert end["objects"] - early["objects"] <= 10, r
+        assert end["blocks"] - early["blocks"] <= 2 * forwards, r  # the leaks fixed here cost 5-100 a forward
