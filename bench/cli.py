@@ -1,9 +1,10 @@
 """`python -m bench`: parse the command line, run the sections asked for, print, write JSON and PNG.
 
 Sections: the main bench (every contender: step time, peak memory, traffic, gradients vs plain;
-skip with --skip-main), `--max-fit CAP` (largest batch or sequence under a device-memory cap) and
-`--steps N` (loss curves of a seeded AdamW run vs plain). Exit status 1 when, on the CPU, a
-contender's gradients or losses differ from plain's at all (the runtime promises bitwise equality).
+skip with --skip-main), `--max-fit CAP` (largest batch or sequence under a device-memory cap),
+`--steps N` (loss curves of a seeded AdamW run vs plain) and `--soak N` (what grows over N steps).
+Exit status 1 when, on the CPU, a contender's gradients or losses differ from plain's at all (the
+runtime promises bitwise equality), or when a soak's host pool bytes or live tensors grew.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from .measure import peak_pass
 from .plot import plot_frontier
 from .presets import PRESETS, Preset, default_preset
 from .results import BenchResult, Skipped
+from .soak import SoakConfig, run_soak
 from .suite import SuiteConfig, attach_auto, auto_contenders, run_suite, runtime_settings
-from .tables import Printer, loss_table, main_table, maxfit_table, skipped_lines
+from .tables import Printer, loss_table, main_table, maxfit_table, skipped_lines, soak_table
 
 log = logging.getLogger("bench")
 
@@ -105,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest size --max-fit tries (default: 1024 for batch, 8x the preset's for seq)")
     p.add_argument("--steps", type=_positive, metavar="N",
                    help="loss-curve check: N seeded AdamW steps under plain and each of our policies")
+    p.add_argument("--soak", type=_positive, metavar="N",
+                   help="N training steps per policy of ours, each with an evaluation forward under "
+                        "`with hc:` and one under no_grad, then N such evaluation pairs alone: growth of "
+                        "host pool bytes, live tensors, Python objects and blocks, and RSS between an "
+                        "early step and the end")
     p.add_argument("--threads", type=_positive,
                    help="torch intra-op threads (default on the CPU: one per core less one, which the "
                         "emulation's copy threads use the way a GPU uses its copy engines, and which "
@@ -228,6 +235,27 @@ def run_steps_section(run: Run) -> None:
                          for c in curves if c.max_abs_diff != 0]
 
 
+def run_soak_section(run: Run) -> None:
+    """`--soak N`: each fixed policy and policy="auto" at the smallest --budgets fraction of keep's
+    peak; the host pool and the live tensors must not grow."""
+    preset, device = run.preset, run.device
+    keep = run.result.contenders.get("keep")
+    keep_peak = keep.peak_bytes if keep is not None else _keep_peak(preset, device)
+    settings = runtime_settings(preset)
+    contenders = fixed_policies(settings) + auto_contenders((min(run.args.budgets),), keep_peak, settings)
+    cfg = SoakConfig(preset, device, run.args.soak, progress=run.progress)
+    results = run_soak(cfg, contenders)
+    run.result.soak = dict(steps=cfg.steps, early_step=cfg.early, results=results)
+    run.printer.section(f"soak ({preset.name}): {cfg.steps} AdamW steps, each with an evaluation forward "
+                        f"under `with hc:` and one under no_grad, then {cfg.steps} such evaluation pairs "
+                        f"alone; growth from after step {cfg.early + 1} to the end", soak_table(results))
+    for r in results:
+        g = r.growth
+        if g.pool_bytes or g.tensors > 0:
+            run.problems.append(f"soak {r.name}: the host pool grew by {g.pool_bytes} bytes and live tensors "
+                                f"by {g.tensors} between step {cfg.early + 1} and the end")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; returns the exit status (0 ok, 1 a correctness check failed, 2 bad usage)."""
     parser = build_parser()
@@ -264,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_maxfit_section(run, cap)
     if args.steps is not None:
         run_steps_section(run)
+    if args.soak is not None:
+        run_soak_section(run)
 
     path = args.out / "results.json"
     run.result.write_json(path)

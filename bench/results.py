@@ -60,6 +60,34 @@ class LossCurve:
 
 
 @dataclass
+class SoakFigures:
+    """What a process holds at one point of a soak (bytes and counts)."""
+
+    pool_bytes: int  # host pool bytes in use
+    tensors: int  # torch tensors the garbage collector tracks
+    objects: int  # Python objects the garbage collector tracks
+    blocks: int  # memory blocks the interpreter has allocated (sys.getallocatedblocks)
+    rss_bytes: int  # resident memory of the process
+
+
+@dataclass
+class SoakResult:
+    """One contender's soak: its figures after step `early_step` and at the end (after its
+    evaluation phase)."""
+
+    name: str
+    steps: int
+    early_step: int
+    early: SoakFigures
+    end: SoakFigures
+
+    @property
+    def growth(self) -> SoakFigures:
+        """end - early, figure by figure."""
+        return SoakFigures(**{k: getattr(self.end, k) - getattr(self.early, k) for k in vars(self.end)})
+
+
+@dataclass
 class BenchResult:
     """Everything one `python -m bench` run measured."""
 
@@ -68,6 +96,7 @@ class BenchResult:
     skipped: list[Skipped] = field(default_factory=list)
     max_fit: dict | None = None  # {"cap_bytes", "dim", "results": [FitResult]}
     loss_curve: dict | None = None  # {"steps", "curves": [LossCurve]}
+    soak: dict | None = None  # {"steps", "early_step", "results": [SoakResult]}
 
     def to_dict(self) -> dict:
         return _finite(asdict(self))

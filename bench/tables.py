@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Sequence, TextIO
 
-from .results import ContenderResult, FitResult, LossCurve, Skipped
+from .results import ContenderResult, FitResult, LossCurve, Skipped, SoakResult
 
 MIB = 2**20
 
@@ -57,6 +57,17 @@ def loss_table(curves: Sequence[LossCurve]) -> str:
     rows = [[c.name, str(len(c.losses)), f"{c.losses[-1]:.6f}" if c.losses else "-", f"{c.max_abs_diff:.3g}"]
             for c in curves]
     return format_table(["contender", "steps", "final loss", "max |loss - plain|"], rows)
+
+
+def soak_table(results: Sequence[SoakResult]) -> str:
+    """Growth between the early figures and the end, per contender."""
+    rows = []
+    for r in results:
+        g = r.growth
+        rows.append([r.name, str(r.steps), f"{g.pool_bytes:+d}", f"{g.tensors:+d}", f"{g.objects:+d}",
+                     f"{g.blocks:+d}", f"{g.rss_bytes / MIB:+.1f}", f"{r.end.rss_bytes / MIB:.0f}"])
+    return format_table(["contender", "steps", "pool bytes", "tensors", "objects", "py blocks", "RSS MiB",
+                         "RSS end MiB"], rows)
 
 
 class Printer:

@@ -11,9 +11,8 @@ from scheduler.plan import Action
 
 from .core.attach import Attachment
 from .core.budget import Budget, local_world_size, parse_budget
-from .core.dtensor import storage
 from .core.errors import OffloadError, warn
-from .core.hooks import ForwardPass
+from .core.hooks import ForwardPass, param_storage_ids
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
 from .core.regions import Region, RegionHooks, RegionsArg, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
@@ -120,26 +119,26 @@ class HybridCheckpointer:
         self._runtime.policy = fixed
         self._active: ForwardPass | None = None
         self._model_called = False  # this forward called the model (or an attached module)
+        self._plain = False  # the active `with hc:` runs with grad off: plain PyTorch
         self._warned_hf = False
         self.monitor = monitor if not isinstance(monitor, bool) else None
         self._own_monitor = monitor is True
 
     # -- the context manager -------------------------------------------------------------------
     def __enter__(self) -> "HybridCheckpointer":
-        if self._active is not None:
+        if self._active is not None or self._plain:
             raise OffloadError("HybridCheckpointer: `with hc:` is already active (nested or concurrent "
                                "forwards under one checkpointer are not supported); use one `with` per forward")
+        if not torch.is_grad_enabled():  # no_grad, inference_mode: autograd saves nothing
+            self._plain = True
+            return self
         rt = self._runtime
-        if rt.backward_seen:
-            rt.begin_step()
         self._check_foreign_checkpointing()
         if self._own_monitor and self.monitor is None:
             from .observe.monitor import Monitor
             self.monitor = Monitor(self.device).start()
-        params = set()
-        if self.model is not None:  # Rule 6: refreshed every forward (FSDP swaps parameters)
-            params = {storage(p)._cdata for p in self.model.parameters()}  # a DTensor's: its shard's
-            params |= {storage(b)._cdata for b in self.model.buffers()}
+        # Rule 6: refreshed every forward (FSDP swaps parameters)
+        params = param_storage_ids(self.model) if self.model is not None else set()
         fp = ForwardPass(rt, params)
         rt.policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
@@ -151,7 +150,7 @@ class HybridCheckpointer:
         try:
             saved_hooks.__enter__()
             if op_names is not None:
-                fp.verifier = Verifier(rt.settings.verify, rt.stats.verify, op_names)
+                fp.verifier = Verifier(rt.settings.verify, op_names)
                 op_names.__enter__()
         except BaseException:
             region_hooks.remove()
@@ -161,6 +160,9 @@ class HybridCheckpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._plain:
+            self._plain = False
+            return
         fp, rt = self._active, self._runtime
         try:  # Rule 9: whatever happened in forward, the hooks come off and the state closes
             if self._op_names is not None:
@@ -169,9 +171,9 @@ class HybridCheckpointer:
         finally:
             self._region_hooks.remove()
             self._active = None
-            fp.close(failed=exc_type is not None)
-            rt.stats.forwards += 1
-            rt.policy.end_forward(fp, failed=exc_type is not None)
+            if fp.close(failed=exc_type is not None):  # a forward with grad off leaves no trace
+                fp.stats.forwards += 1
+                rt.policy.end_forward(fp, failed=exc_type is not None)
         if exc_type is None and self.model is not None and not self._model_called and not fp.region_calls \
                 and fp.pack_index:
             raise OffloadError(

@@ -88,7 +88,7 @@ def test_peak_memory_prints_no_profiler_lines():
 @pytest.mark.parametrize("device, message", [
     ("tpu", "not a device"), ("meta", "'cpu' or 'cuda"), ("cuda:x", "not a device"),
     ("cuda:99", "CUDA"),
-])
+], ids=["tpu", "meta", "bad-index", "index-or-no-gpu"])  # none needs a GPU: ids without "cuda"
 def test_bad_device_is_a_usage_error(device, message, capsys):
     from bench.cli import main
     with pytest.raises(SystemExit) as exit_:

@@ -97,7 +97,7 @@ def test_offload_moves_memory_from_device_to_host():
             with hc:
                 _, loss = model(idx, tgt)
             torch.cuda.synchronize(dev)
-            hc._runtime.settle_copies()  # finished copies drop their sources (the runtime polls at pack/unpack)
+            hc.backend.poll()  # finished copies release their sources
             torch.empty(1, device=dev)  # lets the allocator retire blocks freed under record_stream
             held[policy] = torch.cuda.memory_allocated(dev) - base
             loss.backward()

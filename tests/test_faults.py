@@ -112,9 +112,8 @@ def test_a_failed_forward_does_not_shrink_the_next_steps_offload():
         with hc:
             model(idx, tgt)
     hook.remove()
-    before = hc.stats.offloaded_bytes  # no backward ran: the retry belongs to the same step
-    train(model, hc, steps=1)
-    assert hc.stats.offloaded_bytes - before == normal
+    train(model, hc, steps=1)  # the failed forward's graph is gone: the retry is a step of its own
+    assert hc.stats.forwards == 1 and hc.stats.offloaded_bytes == normal
 
 
 class FailingCopies(EmulatedBackend):
@@ -212,20 +211,6 @@ def test_reading_saved_tensors_twice_replays_once():
         loss = model(x).sum()
     loss.backward()
     assert hc.stats.replays == 3
-
-
-def test_host_copy_lets_its_device_alias_go_at_the_first_unpack():
-    """Until its D2H is seen done a host copy holds the device tensor; backward must not keep it."""
-    hc = HybridCheckpointer(policy="offload", regions=None, backend=EmulatedBackend(d2h_delay_s=0.05),
-                            min_offload_bytes=1024, host_budget="64MiB")
-    x = torch.randn(N, requires_grad=True)
-    with hc:
-        y = (x * 2).sin().cos().exp()
-    assert any(copy._alias is not None for copy in hc._runtime.copies.values())  # still copying at the end
-    hc.backend.drain()  # copies done, but nothing has looked since the forward ended
-    y.grad_fn._saved_result  # one unpack
-    assert all(copy._alias is None for copy in hc._runtime.copies.values())
-    y.sum().backward()
 
 
 def test_pool_does_not_grow_for_a_request_it_cannot_hold():

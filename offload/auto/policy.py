@@ -131,7 +131,7 @@ class AutoPolicy(Policy):
             plan = first_rank_value(forward.meshes, plan)
         for note in plan.notes:
             if "infeasible" in note:
-                warn(f"HybridCheckpointer(policy='auto'): the plan does not fit the budgets for inputs "
+                warn(f"HybridCheckpointer(policy='auto'): infeasible: no plan fits the budgets for inputs "
                      f"{signature or '(none)'}: {explain_note(note)}")
             else:
                 log.info("auto plan: %s", explain_note(note))

@@ -7,18 +7,21 @@ freed on unpack. Handles that are never unpacked are freed with their graph. The
 tracker that must end empty.
 
 Rule 5 (in-place safety): with saved-tensor hooks installed autograd skips its version-counter
-check, so the handles do it: `tensor._version` is recorded at pack and compared at unpack.
+check, so the handles do it: `tensor._version` is recorded at pack and compared at unpack, on
+a tensor that shares the saved one's version counter (itself, or a storage-less witness).
+
+Every handle also holds its forward's graph token (`owner`): the runtime holds the tokens
+weakly, so a forward whose handles all died (a graph never backpropagated) is known to be over.
 """
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .dtensor import data_of, rebuild, spec_of
+from .dtensor import data_of, local_shard, rebuild, spec_of, storage
 from .errors import OffloadError
 from ..observe.ranges import op_range
 
@@ -28,31 +31,78 @@ if TYPE_CHECKING:
     from ..transfer.backend import CopyEvent, TransferBackend
 
 
-def _describe(t: torch.Tensor, where: str) -> str:
-    return f"tensor of shape {tuple(t.shape)} and dtype {t.dtype} saved in {where}"
+def _modified(what: str, where: str, saved: int, now: int) -> OffloadError:
+    return OffloadError(
+        f"offload: a {what} saved in {where} was modified in place after it was saved for backward "
+        f"(version {saved} at save, {now} now). Backward would use the wrong values. Clone it "
+        f"before modifying it (x = x.clone()), or use the out-of-place op.")
 
 
 def check_version(t: torch.Tensor | None, saved_version: int, where: str) -> None:
     """Rule 5: raise if `t` was modified in place after it was saved."""
     if t is not None and t._version != saved_version:
-        raise OffloadError(
-            f"offload: a {_describe(t, where)} was modified in place after it was saved for backward "
-            f"(version {saved_version} at save, {t._version} now). Backward would use the wrong "
-            f"values. Clone it before modifying it (x = x.clone()), or use the out-of-place op.")
+        raise _modified(f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}", where, saved_version, t._version)
+
+
+def version_witness(t: torch.Tensor) -> torch.Tensor:
+    """A tensor that shares `t`'s version counter and none of its storage.
+
+    Rule 5 for as long as the storage lives: every view of a storage's base (and every detach()
+    of one) bumps one shared counter, so this sees each in-place change PyTorch's own check
+    would see, after the copy finished and after the saved view object died, while holding no
+    device memory (a detached alias would hold the whole storage)."""
+    w = t.detach()
+    if local_shard(w) is not None:  # a DTensor: its own counter, an empty shard
+        w._local_tensor = w._local_tensor.new_empty(0)
+        return w
+    version = w._version
+    w.set_()  # an in-place op: it bumps the shared counter, which is put back at once
+    torch._C._autograd._unsafe_set_version_counter((w,), (version,))
+    return w
+
+
+class ViewMeta:
+    """Where a tensor sits on its storage, with its math bits (conj, neg): what rebuilds the same
+    tensor on another copy of that storage. A DTensor: its local shard's, plus its spec."""
+
+    __slots__ = ("dtype", "offset", "size", "stride", "conj", "neg", "device", "spec")
+
+    def __init__(self, t: torch.Tensor):
+        shard = data_of(t)
+        self.dtype = shard.dtype
+        self.offset = shard.storage_offset()
+        self.size = shard.size()
+        self.stride = shard.stride()
+        self.conj = shard.is_conj()
+        self.neg = shard.is_neg()
+        self.device = shard.device
+        self.spec = spec_of(t)
+
+    def on(self, storage: torch.UntypedStorage) -> torch.Tensor:
+        out = torch.empty(0, dtype=self.dtype, device=self.device).set_(storage, self.offset, self.size, self.stride)
+        if self.conj:
+            torch._C._set_conj(out, True)
+        if self.neg:
+            torch._C._set_neg(out, True)
+        return rebuild(out, self.spec)
+
+    def describe(self) -> str:
+        return f"tensor of shape {tuple(self.size)} and dtype {self.dtype}"
 
 
 class KeepHandle:
     """The tensor stays on the device; the handle holds the reference autograd would hold."""
 
-    __slots__ = ("tensor", "version", "where")
+    __slots__ = ("tensor", "version", "where", "owner")
 
-    def __init__(self, tensor: torch.Tensor, where: str):
+    def __init__(self, tensor: torch.Tensor, where: str, owner: object):
         # Detached: same storage and version counter, but no reference to its grad_fn. A tensor
         # saved by the op that produced it would otherwise hold its own node through the handle,
         # a cycle through C++ that gc cannot see, and a graph never backpropagated would leak.
         self.tensor = tensor.detach()
         self.version = tensor._version
         self.where = where
+        self.owner = owner  # the forward's graph token: alive while any of its handles is
 
     def unpack(self) -> torch.Tensor:
         check_version(self.tensor, self.version, self.where)
@@ -64,19 +114,18 @@ class HostCopy:
 
     Shared by every handle that saved a view of the storage. Holds the D2H event, and once
     reloaded, the device copy and its H2D event. Returns its blocks to the pool when the last
-    handle sharing it dies.
+    handle sharing it dies, after the D2H and any reload that reads them (Rule 2).
 
-    Rule 5 across the copy: until the D2H has finished, a detached alias of the tensor (same
-    version counter, no extra memory: the source cannot be reused before the copy anyway) tells
-    whether an in-place op ran before the copy read the data; `settle()` records the version the
-    copy saw and lets the alias go.
+    It holds no reference to the source: the backend keeps the source alive until the D2H
+    finished (`release`) and lets it go then, so an offloaded tensor the forward dropped frees
+    its device memory as soon as it has been copied. Rule 5 lives in each handle's witness.
     """
 
     __slots__ = ("pool", "backend", "blocks", "nbytes", "d2h_event", "h2d_event", "device_bytes",
-                 "copied_version", "stats", "label", "_alias", "_lock", "__weakref__")
+                 "stats", "label", "_lock", "__weakref__")
 
     def __init__(self, pool: "HostPool", backend: "TransferBackend", blocks: list["Block"],
-                 tensor: torch.Tensor, src: torch.Tensor, stats: "StepStats", label: str):
+                 src: torch.Tensor, stats: "StepStats", label: str):
         # Set first: if anything below raises, __del__ still returns the blocks (Rule 9).
         self.pool = pool
         self.blocks = blocks
@@ -84,50 +133,19 @@ class HostCopy:
         self.h2d_event: CopyEvent | None = None
         self.backend = backend
         self.nbytes = src.numel()
-        self.copied_version: int | None = None
         self.stats = stats
         self.label = label
         self._lock = threading.Lock()
         self.device_bytes: torch.Tensor | None = None
-        self._alias: torch.Tensor | None = tensor.detach()
         with op_range("offload::d2h", src.is_cuda):
             self.d2h_event = backend.d2h(src, [b.view for b in blocks], label=label)
         stats.add_copy(self.d2h_event)
         backend.release(src, after=self.d2h_event)  # Rule 2: no reuse of the source before the copy
 
-    def settle(self) -> bool:
-        """True once the D2H has finished (recording the version it copied)."""
-        with self._lock:
-            if self._alias is None:
-                return True
-            if not self.backend.query(self.d2h_event):
-                return False
-            self.copied_version = self._alias._version
-            self._alias = None
-            return True
-
-    def _seen_version(self, live: torch.Tensor | None) -> int | None:
-        """The storage's version as far as we can still tell: the user's tensor if it lives, else
-        the alias while the copy runs, else the version recorded when the copy was seen done."""
-        if live is not None:
-            return live._version
-        with self._lock:
-            return self._alias._version if self._alias is not None else self.copied_version
-
-    def unchanged(self, live: torch.Tensor | None, version: int) -> bool:
-        seen = self._seen_version(live)
-        return seen is None or seen == version
-
-    def check_unchanged(self, live: torch.Tensor | None, version: int, where: str) -> None:
-        """Rule 5: raise if the storage was modified in place after it was saved (possibly
-        before the copy to host read it)."""
-        seen = self._seen_version(live)
-        if seen is not None and seen != version:
-            raise OffloadError(
-                f"offload: a tensor saved in {where} was modified in place after it was saved for "
-                f"backward (version {version} at save, {seen} later), possibly before its copy to host "
-                f"read it. Backward would use the wrong values. Clone it before modifying it "
-                f"(x = x.clone()), or use the out-of-place op.")
+    @staticmethod
+    def unchanged(live: torch.Tensor | None, version: int) -> bool:
+        """Whether a handle's witness (`live`) still has the version recorded at save."""
+        return live is None or live._version == version
 
     def reload(self, prefetch: bool) -> tuple[torch.Tensor, "CopyEvent"]:
         """Issue the H2D copy unless it was issued already (idempotent, thread-safe)."""
@@ -144,7 +162,6 @@ class HostCopy:
         waits only on this copy's event."""
         data, event = self.reload(prefetch=False)
         self.stats.add_wait(self.backend.wait(event, data), event)
-        self.settle()  # the reload started after the D2H ended: the alias can go
         return data
 
     def __del__(self) -> None:
@@ -155,29 +172,31 @@ class HostCopy:
 
 
 class OffloadHandle:
-    """A view of an offloaded storage: the shared host copy plus the view's geometry (a
-    DTensor's: its local shard's, and its spec to rebuild it)."""
+    """A view of an offloaded storage: the shared host copy plus the view's own metadata.
 
-    __slots__ = ("copy", "dtype", "offset", "size", "stride", "version", "ref", "where", "device", "spec")
+    Rule 5: `witness` shares the saved tensor's version counter (and no memory), so an in-place
+    change is seen whenever it happened: before the D2H read the storage, after it, or after
+    the saved view object itself died while another view of its base lives on."""
 
-    def __init__(self, copy: HostCopy, t: torch.Tensor, where: str):
-        shard = data_of(t)
+    __slots__ = ("copy", "view", "version", "witness", "where", "owner")
+
+    def __init__(self, copy: HostCopy, t: torch.Tensor, where: str, owner: object):
         self.copy = copy
-        self.dtype = t.dtype
-        self.offset = shard.storage_offset()
-        self.size = shard.size()
-        self.stride = shard.stride()
+        self.view = ViewMeta(t)
         self.version = t._version
-        self.ref = weakref.ref(t)  # only to check the version if the tensor still lives
+        self.witness = version_witness(t)
         self.where = where
-        self.device = shard.device
-        self.spec = spec_of(t)
+        self.owner = owner  # the forward's graph token: alive while any of its handles is
+
+    def ref(self) -> torch.Tensor:
+        """The witness: a tensor whose `_version` is the saved tensor's."""
+        return self.witness
 
     def unpack(self) -> torch.Tensor:
-        self.copy.check_unchanged(self.ref(), self.version, self.where)
-        data = self.copy.materialize()
-        out = torch.empty(0, dtype=self.dtype, device=self.device)
-        return rebuild(out.set_(data.untyped_storage(), self.offset, self.size, self.stride), self.spec)
+        now = self.witness._version
+        if now != self.version:
+            raise _modified(self.view.describe(), self.where, self.version, now)
+        return self.view.on(self.copy.materialize().untyped_storage())
 
 
 class SlotHandle:
@@ -196,7 +215,7 @@ class SlotHandle:
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
-        self._used: tuple | None = None  # (storage weak ref, dtype, offset, size, stride, device, spec)
+        self._used: tuple[StorageWeakRef, ViewMeta] | None = None
 
     def current(self) -> torch.Tensor | None:
         """The recomputed tensor if its storage is still alive, else None."""
@@ -204,11 +223,9 @@ class SlotHandle:
             return self.value
         if self._used is None:
             return None
-        ref, dtype, offset, size, stride, device, spec = self._used
+        ref, view = self._used
         storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
-        if storage is None:
-            return None
-        return rebuild(torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride), spec)
+        return None if storage is None else view.on(storage)
 
     def unpack(self) -> torch.Tensor:
         value = self.current()
@@ -220,9 +237,7 @@ class SlotHandle:
                                f"#{self.index}; this is a bug in offload")
         # Autograd wraps what we return in a new tensor, so a weak reference to `value` itself
         # would die at once; the storage (a DTensor's shard's) lives as long as the node's use of it.
-        shard = data_of(value)
-        self._used = (StorageWeakRef(shard.untyped_storage()), shard.dtype, shard.storage_offset(),
-                      shard.size(), shard.stride(), shard.device, spec_of(value))
+        self._used = (StorageWeakRef(storage(value)), ViewMeta(value))
         self.value = None
         return value
 

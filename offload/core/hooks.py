@@ -7,8 +7,15 @@ between region calls. Each segment gets a plan from the policy when it starts.
 Rule 6 (filters): never offload parameters, buffers or their views (their storages are
 collected per forward and per region call, since FSDP unshards them late; and any view of a leaf
 that requires grad counts as a parameter), tensors not on the compute device, tensor subclasses
-(fake, functional), or storages below the byte threshold. A DTensor is judged, keyed, counted and
-moved by its local shard (dtensor.py).
+(fake, functional), tensors that (storage, offset, sizes, strides, math bits) cannot
+rebuild (sparse, nested, zero tensors), or storages below the byte threshold. Every save of a
+storage passes the same filters, the first one and those that find it already copied. A DTensor
+is judged, keyed, counted and moved by its local shard (dtensor.py).
+
+Tensors without a storage (sparse, mkldnn) are kept as autograd keeps them. A forward run with
+grad off (no_grad, inference_mode) saves nothing: its region calls run plain, and a forward that
+never saved a tensor nor ran a region with grad on leaves no trace (no step, counter, timeline
+entry or policy state).
 """
 from __future__ import annotations
 
@@ -29,10 +36,12 @@ from .errors import warn
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
+from .runtime import GraphToken
 from .selective import OpStore, SaveOps
 from .verify import Verifier
 
 if TYPE_CHECKING:
+    from ..observe.stats import StepStats
     from .regions import Region
     from .runtime import Runtime
 
@@ -57,8 +66,30 @@ class Segment:
     forward_end: object = None
 
 
-def storage_key(t: torch.Tensor) -> StorageWeakRef:
-    return StorageWeakRef(storage(t))
+def storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
+    """`t`'s storage, or None for a tensor without one (sparse, mkldnn, some wrapper subclasses)."""
+    try:
+        return storage(t)  # a DTensor's: its local shard's
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def storage_key(t: torch.Tensor) -> StorageWeakRef | None:
+    storage = storage_of(t)
+    return None if storage is None else StorageWeakRef(storage)
+
+
+def rebuildable(t: torch.Tensor) -> bool:
+    """A plain dense tensor: its storage, offset, sizes, strides and math bits give it back."""
+    t = data_of(t)
+    return (type(t) in _PLAIN and t.layout == torch.strided and not t.is_nested
+            and not t._is_zerotensor())
+
+
+def param_storage_ids(module: nn.Module) -> set[int]:
+    """StorageImpl addresses of `module`'s parameters and buffers (Rule 6); sparse ones have none."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return {s._cdata for t in tensors if (s := storage_of(t)) is not None}
 
 
 class ForwardPass:
@@ -74,9 +105,13 @@ class ForwardPass:
         # storages for the whole forward, so no activation can be allocated at one of these
         # addresses meanwhile; Rule 4's warning is about pointer keys that outlive their storage.
         self.param_storages = param_storages
+        self.stats: "StepStats | None" = None  # the step's, once the forward saves something
+        # Alive while any handle of this forward is (each holds it); the runtime holds it weakly.
+        self.token: GraphToken | None = GraphToken()
         self.pack_index = 0
         self.region_calls = 0
         self.depth = 0  # region nesting: an inner region is part of the outer one
+        self._opened: list[bool] = []  # per open region call: did it open a segment
         self.segments: list[Segment] = []
         self._seen: dict[StorageWeakRef, list] = {}  # storage -> [id, segment, nbytes, offloadable, last]
         self._counted: set[StorageWeakRef] = set()
@@ -87,8 +122,20 @@ class ForwardPass:
         self.verifier: Verifier | None = None  # verify mode: references taken at pack
         self.meshes: dict = {}  # device meshes of the DTensors saved, in first-save order
 
+    @property
+    def started(self) -> bool:
+        """Whether this forward saved anything or ran a region with grad on."""
+        return self.stats is not None
+
+    def _start(self) -> None:
+        """The forward does autograd work: join (or begin) the step. A forward that never gets
+        here (no_grad, inference_mode) touches no step, counter or timeline."""
+        if self.stats is None:
+            self.stats = self.rt.join_step(self.token)
+
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
+        self._start()
         if not self.segments:
             self._open_gap()
         return self.segments[-1]
@@ -114,13 +161,13 @@ class ForwardPass:
         if self.rt.replay_guard.depth:
             return
         self.depth += 1
-        if self.depth > 1:
+        # An inner region is part of the outer one; a call with grad off saves nothing: plain.
+        opens = self.depth == 1 and torch.is_grad_enabled()
+        self._opened.append(opens)
+        if not opens:
             return
         self._current()
-        for p in region.module.parameters():  # FSDP materialises unsharded parameters here
-            self.param_storages.add(storage(p)._cdata)
-        for b in region.module.buffers():
-            self.param_storages.add(storage(b)._cdata)
+        self.param_storages |= param_storage_ids(region.module)  # FSDP materialises unsharded parameters here
         call = self.region_calls
         site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
         idx = len(self.segments)
@@ -138,7 +185,8 @@ class ForwardPass:
                  f"Face use_cache=True): the cache keeps every layer's keys and values alive until the step "
                  f"ends. Pass use_cache=False to the model's forward when training; recompute replays the "
                  f"layer without the cache.")
-        inputs = {storage(x)._cdata: storage(x).nbytes() for x in leaves if isinstance(x, torch.Tensor)}
+        inputs = {s._cdata: s.nbytes() for x in leaves
+                  if isinstance(x, torch.Tensor) and (s := storage_of(x)) is not None}
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
@@ -156,7 +204,7 @@ class ForwardPass:
         if self.rt.replay_guard.depth:
             return
         self.depth -= 1
-        if self.depth > 0:
+        if not (self._opened and self._opened.pop()):  # (empty: `with hc:` began inside this call)
             return
         seg = self.segments[-1]
         if seg.mode is not None:
@@ -170,8 +218,9 @@ class ForwardPass:
                 fn.register_prehook(self._backward_hook(seg.index))
         self._open_gap()
 
-    def close(self, failed: bool) -> None:
+    def close(self, failed: bool) -> bool:
         """End of forward: keep what backward needs (segments), drop the per-forward maps.
+        False if the forward never started (it ran with grad off): nothing to account.
 
         Rule 9: after a KeyboardInterrupt, nn.Module skips the always_call hooks, so a region's
         dispatch mode may still be on the stack: take it off here, innermost first."""
@@ -180,11 +229,15 @@ class ForwardPass:
                 seg.mode.__exit__(None, None, None)
                 seg.mode = None
         self.depth = 0
+        self._opened.clear()
+        self.token = None  # from now on only this forward's handles keep it alive
+        if not self.started:
+            return False
+        self.backend.poll()
         self._current().forward_end = self.backend.mark()
         if not failed:  # a forward cut short must not shrink the next one's idea of the tail
             self.rt.expected_calls = self.region_calls
         self.lookahead = self.rt.lookahead_segments()  # Rule 8: this forward's, not the latest
-        self.rt.settle_copies()
         self.records = [TensorRecord(*entry) for entry in self._seen.values()]
         self._seen.clear()
         self._counted.clear()
@@ -198,6 +251,7 @@ class ForwardPass:
             seg.saved.clear()
             self.stats.timeline.add_compute("forward", seg.name, seg.forward_start, seg.forward_end)
         self.stats.timeline.tail_label = self.segments[-1].name
+        return True
 
     # -- pack --------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
@@ -205,26 +259,29 @@ class ForwardPass:
         if self.verifier is not None and not isinstance(handle, KeepHandle):
             seg = self.segments[-1]
             action = "recomputed" if seg.frame is not None else "offloaded"
-            handle = self.verifier.wrap(handle, t, seg.name, self.pack_index - 1, action)
+            handle = self.verifier.wrap(handle, t, self.stats.verify, seg.name, self.pack_index - 1, action)
         return handle
 
     def _pack(self, t: torch.Tensor):
         self.backend.poll()
-        self.rt.settle_copies()
         k = self.pack_index
         self.pack_index += 1
         seg = self._current()
         key = storage_key(t)
-        param = self._is_param(t, key)
+        if key is None:  # no storage to key on, count or move: kept as autograd keeps it
+            if seg.frame is not None:
+                seg.frame.add_kept(t)
+            return KeepHandle(t, seg.name, self.token)
+        param = self._is_param(t)
         first = self._record(k, t, seg, key, param)
         if seg.frame is not None:
-            if param:
+            if param or not rebuildable(t):
                 seg.frame.add_kept(t)
-                self._count(key, t, seg, None)
-                return KeepHandle(t, seg.name)
+                self._count(key, t, seg, None if param else "kept")
+                return KeepHandle(t, seg.name, self.token)
             self._count(key, t, seg, "recomputed")
             return seg.frame.add_slot(t)
-        handle = self._already_moved(t, key, seg)
+        handle = self._already_moved(t, key, seg, param)
         if handle is not None:
             return handle
         if first and not param and self._wants_offload(k, t, seg):  # the first save decides
@@ -232,18 +289,19 @@ class ForwardPass:
             if handle is not None:
                 return handle
         self._count(key, t, seg, None if param else "kept")
-        return KeepHandle(t, seg.name)
+        return KeepHandle(t, seg.name, self.token)
 
     def unpack(self, handle) -> torch.Tensor:
         self.rt.note_backward(self.stats)
-        self.rt.settle_copies()
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
         """A recomputed region's input: kept, or offloaded when the plan says so."""
         key = storage_key(t)
-        param = self._is_param(t, key)
-        handle = self._already_moved(t, key, seg)
+        if key is None:
+            return KeepHandle(t, seg.name, self.token)
+        param = self._is_param(t)
+        handle = self._already_moved(t, key, seg, param)
         if handle is not None:
             return handle
         if seg.plan.offload_inputs and not param and self._offloadable(t):
@@ -251,28 +309,33 @@ class ForwardPass:
             if handle is not None:
                 return handle
         self._count(key, t, seg, None if param else "kept")
-        return KeepHandle(t, seg.name)
+        return KeepHandle(t, seg.name, self.token)
 
     def _offload_output(self, t: torch.Tensor, seg: Segment) -> OffloadHandle | None:
         """An op output the selective policy offloads (None: keep it, too small or pool full)."""
         key = storage_key(t)
-        handle = self._already_moved(t, key, seg)
+        if key is None:
+            return None
+        param = self._is_param(t)
+        handle = self._already_moved(t, key, seg, param)
         if handle is not None:
             return handle
-        if self._is_param(t, key) or not self._offloadable(t):
+        if param or not self._offloadable(t):
             return None
         return self._offload(t, seg, key)
 
-    def _already_moved(self, t: torch.Tensor, key: StorageWeakRef, seg: Segment) -> OffloadHandle | None:
+    def _already_moved(self, t: torch.Tensor, key: StorageWeakRef, seg: Segment,
+                       param: bool) -> OffloadHandle | None:
         """Rule 4: a storage already copied to the host is not also held on the device; the
-        latest segment that saves it prefetches it too."""
+        latest segment that saves it prefetches it too. Rule 6 holds for this save as for the
+        first: a save the filters refuse (a parameter view, a subclass) is kept instead."""
         copies = self.rt.copies
         copy = copies.get((key, t._version)) if copies else None
-        if copy is None:
+        if copy is None or param or not self._offloadable(t):
             return None
         if not seg.copies or seg.copies[-1]() is not copy:
             seg.copies.append(weakref.ref(copy))
-        return OffloadHandle(copy, t, seg.name)
+        return OffloadHandle(copy, t, seg.name, self.token)
 
     def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
         policy = self.rt.policy
@@ -295,16 +358,16 @@ class ForwardPass:
         except BaseException:  # Rule 9: the blocks go back (past this point HostCopy owns them)
             self.rt.pool.free(blocks, after=[])
             raise
-        copy = HostCopy(self.rt.pool, self.backend, blocks, t, src, self.stats,
+        copy = HostCopy(self.rt.pool, self.backend, blocks, src, self.stats,
                         label=f"{seg.name}:{self.pack_index - 1}")
-        del src
-        self.rt.register_copy(key, t._version, copy)  # Rule 4: keyed on the storage, never a pointer
+        del src  # the backend holds the source until its copy is done, and no longer
+        self.rt.copies[(key, t._version)] = copy  # Rule 4: keyed on the storage, never a pointer
         seg.copies.append(weakref.ref(copy))
         self._count(key, t, seg, "offloaded")
-        return OffloadHandle(copy, t, seg.name)
+        return OffloadHandle(copy, t, seg.name, self.token)
 
     # -- filters (Rule 6) --------------------------------------------------------------------------
-    def _is_param(self, t: torch.Tensor, key: StorageWeakRef) -> bool:
+    def _is_param(self, t: torch.Tensor) -> bool:
         base = t._base if t._is_view() and t._base is not None else t
         if base.is_leaf and (base.requires_grad or isinstance(base, nn.Parameter)):
             return True  # frozen parameters too: moving them frees nothing
@@ -312,8 +375,7 @@ class ForwardPass:
 
     def _offloadable(self, t: torch.Tensor) -> bool:
         x = data_of(t)
-        return (type(x) in _PLAIN and x.device == self.device and x.layout == torch.strided
-                and not x.is_conj() and not x.is_neg()
+        return (rebuildable(x) and x.device == self.device
                 and x.untyped_storage().nbytes() >= self.settings.min_offload_bytes)
 
     # -- accounting --------------------------------------------------------------------------------
@@ -332,7 +394,10 @@ class ForwardPass:
 
     def _count(self, key: StorageWeakRef, t: torch.Tensor, seg: Segment, action: str | None) -> None:
         """Count a storage's bytes once per forward, under the first action it got (None: a
-        parameter or buffer, never moved); what stays on the device counts as resident."""
+        parameter or buffer, never moved); what stays on the device counts as resident.
+        Storage-less tensors (key None) have no bytes to count."""
+        if key is None:
+            return
         if action in ("kept", "offloaded"):  # on the device until freed: kept, or the source of a D2H
             self.rt.residency.track(t, "kept" if action == "kept" else "in_flight")
         if key in self._counted:
@@ -358,7 +423,6 @@ class ForwardPass:
         self.rt.note_backward(self.stats)
         seg = self.segments[seg_index]
         self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
-        self.rt.settle_copies()
         d = self.lookahead
         if d <= 0:
             return

@@ -83,7 +83,7 @@ class RecomputeFrame:
                          for dt in dict.fromkeys(("cpu", device.type))]
         self.autocast_cache = torch.is_autocast_cache_enabled()
         self.default_device = torch.get_default_device()
-        self.meta: list[tuple[torch.Size, torch.dtype]] = []  # per saved tensor, in pack order
+        self.meta: list[tuple[tuple[int, ...] | None, torch.dtype]] = []  # per saved tensor, in pack order
         self.slots: list[weakref.ref | None] = []  # None where the tensor was kept (parameters)
         self.store = None  # an OpStore when selective recompute saved some op outputs
         self._lock = threading.Lock()
@@ -92,12 +92,12 @@ class RecomputeFrame:
 
     # -- forward ----------------------------------------------------------------------------------
     def add_kept(self, t: torch.Tensor) -> None:
-        self.meta.append((t.shape, t.dtype))
+        self.meta.append((_shape(t), t.dtype))
         self.slots.append(None)
 
     def add_slot(self, t: torch.Tensor) -> SlotHandle:
         slot = SlotHandle(self, len(self.meta))
-        self.meta.append((t.shape, t.dtype))
+        self.meta.append((_shape(t), t.dtype))
         self.slots.append(weakref.ref(slot))
         return slot
 
@@ -169,10 +169,10 @@ class RecomputeFrame:
             raise OffloadError(f"offload: recompute of region {self.name} saved more tensors than its forward "
                                f"({len(self.meta)}); the replay must do the same work as the forward")
         shape, dtype = self.meta[i]
-        if t.shape != shape or t.dtype != dtype:
+        if _shape(t) != shape or t.dtype != dtype:
             raise OffloadError(
-                f"offload: recompute of region {self.name} saved tensor #{i} with shape {tuple(t.shape)} "
-                f"and dtype {t.dtype}, but the forward saved shape {tuple(shape)} and dtype {dtype}. "
+                f"offload: recompute of region {self.name} saved tensor #{i} with shape {_shape(t)} "
+                f"and dtype {t.dtype}, but the forward saved shape {shape} and dtype {dtype}. "
                 f"The region's forward must be deterministic in what it computes.")
         ref = self.slots[i]
         slot = ref() if ref is not None else None
@@ -181,6 +181,12 @@ class RecomputeFrame:
         if i >= self._stop_at:
             raise _StopReplay
         return None
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...] | None:
+    """What a replayed tensor's shape is matched by; None for a nested tensor (a strided one has
+    no sizes, a jagged one a new nested int each time it is built: kept, it is only counted)."""
+    return None if t.is_nested else tuple(t.shape)
 
 
 def _never_unpacked(_):

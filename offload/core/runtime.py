@@ -8,11 +8,10 @@ of host copies (Rule 4) and the replay guard.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,9 +26,6 @@ from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
 from .verify import Verify, VerifyLog
-
-if TYPE_CHECKING:
-    from .handles import HostCopy
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +49,14 @@ class Settings:
     verify: Verify | None = None  # verify mode: compare what comes back with what was saved
 
 
+class GraphToken:
+    """One forward's liveness: every handle the forward packs holds it, the runtime only a weak
+    reference, so it dies when the last of the forward's handles does (its graph was freed,
+    backpropagated or not)."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Runtime:
     """Backend, host pool, policy and the registries that outlive one forward."""
 
@@ -65,16 +69,27 @@ class Runtime:
         self.replay_guard = ReplayGuard()
         # Rule 4: one host copy per (storage, version), keyed on the storage object, weakly held.
         self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self.unsettled: collections.deque = collections.deque()  # weakrefs to HostCopy, D2H order
         self.expected_calls = 0  # region calls the last complete forward made
         self.residency = Residency()  # saved-activation bytes on the device, measured
         self.step_listeners: list[weakref.WeakMethod] = []  # called with each finished step
         self.stats = self._new_stats(1)
         self.backward_seen = False
+        self.step_graphs: list[weakref.ref] = []  # GraphTokens of this step's forwards
         self.warned_cache = False
         self.warned_fallback = False
 
     # -- steps ---------------------------------------------------------------------------------
+    def join_step(self, token: GraphToken) -> StepStats:
+        """A forward starts saving tensors: the step it belongs to (Rule 9: every per-step
+        structure lives in one `StepStats`, so nothing outlives the step).
+
+        A new step begins after a backward, and after forwards whose graphs all died unused
+        (evaluation with grad on): those will never see a backward."""
+        if self.backward_seen or (self.step_graphs and all(g() is None for g in self.step_graphs)):
+            self.begin_step()
+        self.step_graphs.append(weakref.ref(token))
+        return self.stats
+
     def begin_step(self) -> None:
         """A forward after a backward starts a new step (steps are numbered from 1)."""
         done = self.finish_step()
@@ -86,7 +101,9 @@ class Runtime:
                 listener(done)
         self.stats = self._new_stats(done.step + 1)
         self.pool.reset_high_water()
+        self.backend.new_step()
         self.backward_seen = False
+        self.step_graphs.clear()
 
     def _new_stats(self, step: int) -> StepStats:
         stats = StepStats(step=step, saved_series=self.residency.start_step(), residency=self.residency)
@@ -118,28 +135,6 @@ class Runtime:
             torch.autograd.Variable._execution_engine.queue_callback(close)
         except RuntimeError:  # not inside a backward pass (e.g. a read of grad_fn._saved_*)
             timeline.backward.remove(entry)
-
-    # -- copies ----------------------------------------------------------------------------------
-    def register_copy(self, key, version: int, copy: "HostCopy") -> None:
-        """Rule 4: later saves of this storage at this version share `copy`."""
-        self.copies[(key, version)] = copy
-        self.unsettled.append(weakref.ref(copy))
-
-    def settle_copies(self) -> None:
-        """Let host copies whose D2H finished drop their version alias (D2H completes in order)."""
-        queue = self.unsettled
-        while queue:
-            try:
-                ref = queue[0]
-            except IndexError:  # emptied by another thread
-                return
-            copy = ref()
-            if copy is not None and not copy.settle():
-                return
-            try:
-                queue.remove(ref)
-            except ValueError:
-                pass
 
     def note_fallback(self, nbytes: int, segment: str) -> None:
         """Rule 3: an offload the full host pool refused stays on the device; say so, once."""

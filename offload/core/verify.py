@@ -149,26 +149,27 @@ def _difference(expected: torch.Tensor, got: torch.Tensor) -> tuple[bool, float]
 class Verifier:
     """Takes references at pack and compares at unpack, for one step's `VerifyLog`."""
 
-    def __init__(self, config: Verify, log: VerifyLog, names: OpNames | None):
+    def __init__(self, config: Verify, names: OpNames | None):
         self.config = config
-        self.log = log
         self.names = names
 
-    def wrap(self, handle, t: torch.Tensor, segment: str, index: int, action: str) -> "VerifiedHandle":
-        """`handle` (an offload or recompute handle of `t`) with a reference taken now."""
+    def wrap(self, handle, t: torch.Tensor, log: VerifyLog, segment: str, index: int,
+             action: str) -> "VerifiedHandle":
+        """`handle` (an offload or recompute handle of `t`) with a reference taken now, its
+        comparison counted in `log` (the step's)."""
         nbytes = t.numel() * t.element_size()
-        with self.log._lock:
-            full = self.log.reference_bytes + nbytes <= self.config.reference_bytes
+        with log._lock:
+            full = log.reference_bytes + nbytes <= self.config.reference_bytes
             if full:
-                self.log.reference_bytes += nbytes
+                log.reference_bytes += nbytes
             else:
-                self.log.checksummed += 1
+                log.checksummed += 1
         reference = t.detach().to("cpu", copy=True) if full else _checksum(t)
         op = self.names.name_of(t) if self.names is not None else "unknown"
-        return VerifiedHandle(handle, self, reference, full, dict(
+        return VerifiedHandle(handle, self, log, reference, full, dict(
             segment=segment, index=index, action=action, op=op, shape=tuple(t.shape), dtype=str(t.dtype)))
 
-    def check(self, site: dict, reference: torch.Tensor, full: bool, got: torch.Tensor) -> None:
+    def check(self, log: VerifyLog, site: dict, reference: torch.Tensor, full: bool, got: torch.Tensor) -> None:
         atol = self.config.atol if site["action"] == "recomputed" else 0.0
         if full:
             equal, diff = _difference(reference, got.detach().cpu())
@@ -177,7 +178,7 @@ class Verifier:
             equal, diff = bool(torch.equal(now, reference)), float((now - reference).abs().max())
         ok = equal or diff <= atol
         mismatch = None if ok else dict(site, max_abs_diff=diff, compared_by="values" if full else "checksum")
-        self.log.add(site["segment"], diff, mismatch)
+        log.add(site["segment"], diff, mismatch)
         if mismatch is not None and self.config.strict:
             raise OffloadError(
                 f"offload verify: the {site['action']} tensor #{site['index']} of {site['segment']} "
@@ -191,16 +192,17 @@ class Verifier:
 class VerifiedHandle:
     """An offload or recompute handle plus the reference its unpack is compared with."""
 
-    __slots__ = ("inner", "verifier", "reference", "full", "site")
+    __slots__ = ("inner", "verifier", "log", "reference", "full", "site")
 
-    def __init__(self, inner, verifier: Verifier, reference: torch.Tensor, full: bool, site: dict):
+    def __init__(self, inner, verifier: Verifier, log: VerifyLog, reference: torch.Tensor, full: bool, site: dict):
         self.inner = inner
         self.verifier = verifier
+        self.log = log
         self.reference = reference
         self.full = full
         self.site = site
 
     def unpack(self) -> torch.Tensor:
         out = self.inner.unpack()
-        self.verifier.check(self.site, self.reference, self.full, out)
+        self.verifier.check(self.log, self.site, self.reference, self.full, out)
         return out

@@ -7,7 +7,8 @@ this layer (host pool, handles, prefetch, recompute) is written once against it.
 Rule 2 (stream discipline) lives in the backends; the handles only follow the protocol below:
   1. `d2h(src, dsts)` copies after all work queued so far on the compute stream; it returns the
      copy's event. The caller then hands `src` back with `release(src, after=event)`, which keeps
-     the source from being reused before the copy finished.
+     the source from being reused before the copy finished and no longer: once the copy is done
+     the source's memory goes back as soon as the user's tensor dies.
   2. `h2d(srcs, nbytes, after=d2h_event)` allocates the destination on the compute stream, waits
      for the D2H event (a reload never reads a half-written block) and copies; it returns the
      destination and the reload's event.
@@ -100,6 +101,9 @@ class TransferBackend(abc.ABC):
 
     def poll(self) -> None:
         """Finish deferred bookkeeping on the calling (compute) thread."""
+
+    def new_step(self) -> None:
+        """The runtime starts a new step: per-step bookkeeping (the issue order) starts over."""
 
     @abc.abstractmethod
     def mark(self) -> object:

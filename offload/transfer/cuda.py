@@ -147,3 +147,6 @@ class CudaBackend(TransferBackend):
 
     def settle(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def new_step(self) -> None:
+        self.order.clear()

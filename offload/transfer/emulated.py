@@ -9,8 +9,13 @@ a GPU is made visible on purpose: a source released before its copy finished, or
 handed out again while a copy still touches it, is *poisoned* (filled with 0xFF bytes, NaN for
 floating types). A test then fails exactly where a GPU would have produced wrong gradients.
 
-Every allocation and every final release of a device buffer happens on the compute thread, as the
-CUDA caching allocator would see it; the torch profiler records only that thread's memory events.
+A source released with `after=event` is held until that copy completes and let go by the copy's
+own completion callback, on the stream's thread: its memory returns as soon as nothing reads it,
+as `record_stream` returns it on CUDA. The torch profiler records the memory events of the
+compute thread only, and `PeakMemory` measures the emulated device with it: while the profiler
+records the releasing thread, a released source is also held for the compute thread, which lets
+it go at its next `poll()`, where the profiler sees the free. A peak measured on the emulation is
+therefore never below the true one.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ class EmulatedBackend(TransferBackend):
         self._bytes_per_s = bytes_per_s
         self._lock = threading.Lock()
         self._inflight: set[EmulatedEvent] = set()
-        self._deferred: list[tuple[torch.Tensor, CopyEvent]] = []
+        self._deferred: list[tuple[torch.Tensor, CopyEvent]] = []  # released while profiled
         self._streams: dict[str, ThreadPoolExecutor] = {}
         self._mmaps: list[mmap.mmap] = []
         self.poisoned = 0  # buffers poisoned because they were released or reused too early
@@ -95,8 +100,8 @@ class EmulatedBackend(TransferBackend):
         ev = EmulatedEvent(CopyRecord(direction, flat.numel(), label),
                            [_span(flat)] + [_span(c) for c in chunks])
         delay = self._delay(direction, flat.numel())
-        # The job must not hold the buffers after it returns: their last reference has to go on
-        # the compute thread (poll), where the profiler sees the free.
+        # The job lets go of the buffers as soon as it has copied them: a source's lifetime is
+        # the caller's and `release`'s business, not the stream's.
         box = [flat, list(chunks)]
         with self._lock:
             self._inflight.add(ev)
@@ -162,13 +167,20 @@ class EmulatedBackend(TransferBackend):
     def settle(self) -> None:
         self.drain()
 
+    def new_step(self) -> None:
+        with self._lock:
+            self.order.clear()
+
     # -- giving memory back ---------------------------------------------------------------------
     def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
         if after is None or after.future.done():
             self._check_unused(buf, "released")
             return
-        with self._lock:
-            self._deferred.append((buf, after))
+        holder = [buf]  # until the copy completes; its callback then lets go (Rule 2)
+        after.future.add_done_callback(lambda _done: holder.clear())
+        if torch._C._autograd._profiler_enabled():  # the final free must be where the profiler looks
+            with self._lock:
+                self._deferred.append((buf, after))
 
     def claim(self, buf: torch.Tensor) -> None:
         self._check_unused(buf, "reused")
@@ -181,7 +193,7 @@ class EmulatedBackend(TransferBackend):
             self._deferred = [(b, e) for b, e in self._deferred if not e.future.done()]
         for buf, _ in ready:
             self._check_unused(buf, "released")
-        # `ready` dies here, on the compute thread: the last reference to a source goes now.
+        # `ready` dies here, on the compute thread: the profiler sees the free.
 
     def _check_unused(self, buf: torch.Tensor, what: str) -> None:
         lo, hi = _span(buf)
@@ -199,7 +211,7 @@ class EmulatedBackend(TransferBackend):
             return len(self._inflight)
 
     def drain(self) -> None:
-        """Wait for every queued copy (tests and shutdown)."""
+        """Wait for every queued copy and its completion callbacks (tests and shutdown)."""
         for ex in list(self._streams.values()):
             ex.submit(lambda: None).result()
         self.poll()

@@ -145,7 +145,8 @@ class HostPool:
             size //= 2
         if size < MIN_SLAB:
             return False
-        self._slabs.append(self.backend.alloc_host(size))
+        with torch.inference_mode(False):  # Rule 9: a slab grown under inference_mode takes copies later
+            self._slabs.append(self.backend.alloc_host(size))
         self._free.append([(0, size)])
         log.debug("host pool: new slab of %d bytes (%d reserved of %d)", size, self.reserved, self.budget)
         return True

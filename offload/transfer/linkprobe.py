@@ -5,6 +5,7 @@ each direction separately: on GH200-class links H2D runs ~2.4x faster than D2H.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -47,30 +48,33 @@ def measure_link(backend: TransferBackend, pool: HostPool, nbytes: int = PROBE_B
     nbytes = min(nbytes, max(SMALL_BYTES, pool.budget // 2))
     if device_budget is not None:
         nbytes = max(SMALL_BYTES, min(nbytes, device_budget // 16))
-    blocks = pool.alloc(nbytes)
-    if blocks is None:  # a pool too small to probe cannot offload anything either
-        log.info("host link not measured: the host pool (budget %d bytes) cannot hold a probe", pool.budget)
-        return UNMEASURED
-    src = torch.zeros(nbytes, dtype=torch.uint8, device=backend.device)
-    views = [b.view for b in blocks]
-    events = []
-    try:
-        d2h = _best(backend, lambda: backend.d2h(src, views, label="probe"), repeats, events)
-        first = events[0]
-        h2d = _best(backend, lambda: backend.h2d(views, nbytes, after=first, label="probe")[1], repeats, events)
-        backend.poll()
-        small = src[:SMALL_BYTES]
-        lat = _best(backend, lambda: backend.d2h(small, [views[0][:SMALL_BYTES]], label="probe"), repeats, events)
-    finally:
-        for ev in events:
-            backend.synchronize(ev)
-        pool.free(blocks, after=events)
-        backend.poll()
-    link = Link(nbytes / d2h, nbytes / h2d, lat)
+    with torch.inference_mode(False):  # probe buffers the copies may write, whatever the caller's mode
+        blocks = pool.alloc(nbytes)
+        if blocks is None:  # a pool too small to probe cannot offload anything either
+            log.info("host link not measured: the host pool (budget %d bytes) cannot hold a probe", pool.budget)
+            return UNMEASURED
+        events: list = []
+        try:
+            link = _probe(backend, [b.view for b in blocks], nbytes, repeats, events)
+        finally:  # Rule 9: the blocks go back whatever failed; a failed copy has ended too
+            for ev in events:
+                with contextlib.suppress(Exception):
+                    backend.synchronize(ev)
+            pool.free(blocks, after=events)
     log.info("host link: D2H %.2f GB/s, H2D %.2f GB/s, %.1f us per copy",
              link.d2h_bytes_per_s / 1e9, link.h2d_bytes_per_s / 1e9, link.latency_s * 1e6)
     backend.measured_link = link
     return link
+
+
+def _probe(backend: TransferBackend, views: list, nbytes: int, repeats: int, events: list) -> Link:
+    src = torch.zeros(nbytes, dtype=torch.uint8, device=backend.device)
+    d2h = _best(backend, lambda: backend.d2h(src, views, label="probe"), repeats, events)
+    first = events[0]
+    h2d = _best(backend, lambda: backend.h2d(views, nbytes, after=first, label="probe")[1], repeats, events)
+    small = src[:SMALL_BYTES]
+    lat = _best(backend, lambda: backend.d2h(small, [views[0][:SMALL_BYTES]], label="probe"), repeats, events)
+    return Link(nbytes / d2h, nbytes / h2d, lat)
 
 
 def _best(backend: TransferBackend, copy, repeats: int, events: list) -> float:
