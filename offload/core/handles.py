@@ -34,10 +34,14 @@ def _describe(t: torch.Tensor, where: str) -> str:
 def check_version(t: torch.Tensor | None, saved_version: int, where: str) -> None:
     """Rule 5: raise if `t` was modified in place after it was saved."""
     if t is not None and t._version != saved_version:
-        raise OffloadError(
-            f"offload: a {_describe(t, where)} was modified in place after it was saved for backward "
-            f"(version {saved_version} at save, {t._version} now). Backward would use the wrong "
-            f"values. Clone it before modifying it (x = x.clone()), or use the out-of-place op.")
+        raise _modified(_describe(t, where), saved_version, t._version)
+
+
+def _modified(what: str, saved_version: int, seen_version: int) -> OffloadError:
+    return OffloadError(
+        f"offload: a {what} was modified in place after it was saved for backward "
+        f"(version {saved_version} at save, {seen_version} now). Backward would use the wrong "
+        f"values. Clone it before modifying it (x = x.clone()), or use the out-of-place op.")
 
 
 class KeepHandle:
@@ -184,15 +188,27 @@ class SlotHandle:
     autograd releases the node's saved variables. Unpack stays repeatable (Rule 1): while the
     storage lives the same data comes back; after it died (retain_graph=True, a later read of
     grad_fn._saved_*) the region is replayed again.
+
+    Rule 5: the version the tensor had at save is checked at unpack, against the tensor while it
+    lives, else against the version its region saw when its forward ended (`changed`).
     """
 
-    __slots__ = ("frame", "index", "value", "_used", "__weakref__")
+    __slots__ = ("frame", "index", "value", "version", "ref", "changed", "pinned", "_used", "__weakref__")
 
-    def __init__(self, frame, index: int):
+    def __init__(self, frame, index: int, t: torch.Tensor):
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
+        self.version = t._version
+        self.ref = weakref.ref(t)  # only to check the version while the tensor lives
+        self.changed: int | None = None  # a later version seen by the region, if any
+        self.pinned = False  # the forward's tensor is kept: its region cannot be replayed
         self._used: tuple | None = None  # (storage weak ref, dtype, offset, size, stride, device)
+
+    def pin(self, t: torch.Tensor) -> None:
+        """Keep the forward's own tensor: this region call will not be replayed."""
+        self.value = t
+        self.pinned = True
 
     def current(self) -> torch.Tensor | None:
         """The recomputed tensor if its storage is still alive, else None."""
@@ -206,7 +222,20 @@ class SlotHandle:
             return None
         return torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride)
 
+    def _check_version(self) -> None:
+        live = self.ref()
+        if live is None and self.pinned:
+            live = self.value
+        seen = live._version if live is not None else self.changed
+        if seen is not None and seen != self.version:
+            shape, dtype = self.frame.meta[self.index][:2]
+            raise _modified(f"tensor of shape {tuple(shape)} and dtype {dtype} saved in {self.frame.name}",
+                            self.version, seen)
+
     def unpack(self) -> torch.Tensor:
+        self._check_version()
+        if self.pinned:
+            return self.value
         value = self.current()
         if value is None:
             self.frame.replay()

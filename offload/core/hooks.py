@@ -137,9 +137,9 @@ class ForwardPass:
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
-                seg.name, region.module.forward, args, kwargs, self.device,
+                seg.name, region.module, args, kwargs, self.device,
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.rt.replay_guard,
-                on_replay=self.stats.add_replay, mark=self.backend.mark)
+                on_replay=self.stats.add_replay, mark=self.backend.mark, habits=self.rt.habits.of(region.module))
             if self.settings.op_policy is not None:
                 seg.frame.store = OpStore()
                 seg.mode = SaveOps(self.settings.op_policy, seg.frame.store,
@@ -157,7 +157,9 @@ class ForwardPass:
         if seg.mode is not None:
             seg.mode.__exit__(None, None, None)
             seg.mode = None
-        seg.frame = None  # the frame now lives as long as its slots
+        frame, seg.frame = seg.frame, None  # the frame now lives as long as its slots
+        if frame is not None and not frame.end_forward():  # it keeps what its forward saved
+            seg.saved["kept"] = seg.saved.get("kept", 0) + seg.saved.pop("recomputed", 0)
         self.region_calls += 1
         if output is not None:
             from .regions import output_grad_fns
@@ -184,6 +186,8 @@ class ForwardPass:
         self._seen.clear()
         self._counted.clear()
         for seg in self.segments:
+            if seg.frame is not None:  # a region the forward never left
+                seg.frame.abandon()
             seg.frame = None
             for action, nbytes in seg.saved.items():
                 if action is None:

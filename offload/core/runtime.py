@@ -24,6 +24,7 @@ from ..transfer.hostpool import HostPool
 from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
+from .state import HabitBook
 
 if TYPE_CHECKING:
     from .handles import HostCopy
@@ -59,6 +60,7 @@ class Runtime:
         self.pool = pool
         self.policy: Policy | None = None  # set by the façade (the auto policy needs this runtime)
         self.replay_guard = ReplayGuard()
+        self.habits = HabitBook()  # what each region's forward modifies in place (Rule 7)
         # Rule 4: one host copy per (storage, version), keyed on the storage object, weakly held.
         self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.unsettled: collections.deque = collections.deque()  # weakrefs to HostCopy, D2H order
