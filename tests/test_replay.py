@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from offload import Action, EmulatedBackend, HybridCheckpointer, OffloadError, RegionSite
 
-from .conftest import MIN_OFFLOAD, tiny_gpt, under
+from .conftest import MIN_OFFLOAD, under
 
 D = 128  # features: a (64, 128) float32 activation is 32 KiB, above MIN_OFFLOAD
 BATCH = 64
@@ -429,3 +429,72 @@ def test_region_that_starts_modifying_its_input_later_keeps_that_call():
     assert_same(ref, [g[:3] for g in got])
     assert [g[3] for g in got] == [4, 3, 4, 4]  # step 1: block 1 kept its tensors, not replayed
     assert got[1][4] < got[0][4] == got[2][4]
+
+
+# -- Rule 7: the replay calls the module the way the user called it ------------------------------
+
+def add_hooks(model):
+    """A pre-hook that rescales the block's input (a replay without it computes other values),
+    and a forward hook whose sigmoid saves a tensor (a replay without it saves one fewer)."""
+    for b in model.blocks:
+        b.register_forward_pre_hook(lambda mod, args: (args[0] * 1.5,))
+        b.register_forward_hook(lambda mod, args, out: torch.sigmoid(out))
+    return model
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_user_hooks_run_in_the_replay(policy):
+    ref = run(add_hooks(Stack(TanhOut)), None)
+    model = add_hooks(Stack(TanhOut))
+    hc = checkpointer(model, policy)
+    assert_same(ref, run(model, hc))
+    assert hc.stats.replays > 0
+
+
+@pytest.mark.parametrize("policy", ["recompute", every_other], ids=["recompute", "every-other"])
+def test_block_compiled_in_place(policy):
+    """`block.compile()` compiles `_call_impl`: the replay must run the compiled code, as the
+    forward did, and Dynamo must not trace the runtime's hooks."""
+    torch._dynamo.reset()
+
+    def compiled():
+        model = Stack(TanhOut)
+        for b in model.blocks:
+            b.compile(backend="aot_eager")
+        return model
+
+    ref = run(compiled(), None, steps=3)
+    model = compiled()
+    hc = checkpointer(model, policy)
+    assert_same(ref, run(model, hc, steps=3))
+    assert hc.stats.replays == (4 if policy == "recompute" else 2)
+
+
+def test_replays_inside_the_next_forward_open_no_regions():
+    """Pipeline style: a step's backward runs while the next forward is under `with hc:`, so the
+    runtime's region hooks are on the blocks the replays call; they must not open regions."""
+
+    def interleaved(model, hc):
+        g = torch.Generator().manual_seed(0)
+        out, pending = [], None
+        for s in range(4):
+            with under(hc):
+                if pending is not None:
+                    pending.backward()
+                    out.append({n: p.grad.clone() for n, p in model.named_parameters()})
+                    model.zero_grad(set_to_none=True)
+                torch.manual_seed(s)
+                pending = model(torch.randn(BATCH, D, generator=g))
+        pending.backward()
+        out.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        return out
+
+    ref = interleaved(add_hooks(Stack(TanhOut)), None)
+    model = add_hooks(Stack(TanhOut))
+    hc = checkpointer(model, "recompute")
+    got = interleaved(model, hc)
+    for s, (a, b) in enumerate(zip(ref, got)):
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"step {s}: gradient of {name} differs"
+    names = [seg["name"] for seg in hc.report().segments]
+    assert [n for n in names if n.startswith("blocks")] == [f"blocks.{i}" for i in range(4)], names

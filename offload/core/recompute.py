@@ -199,7 +199,7 @@ class RecomputeFrame:
             args, kwargs = self._replay_inputs()
             with self._replay_context(), op_range(f"offload::recompute {self.name}", self.device.type == "cuda"):
                 try:
-                    self.module.forward(*args, **kwargs)
+                    self.module(*args, **kwargs)  # as the user called it: hooks, compiled code
                 except _StopReplay:
                     pass
                 else:
