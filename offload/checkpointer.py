@@ -13,7 +13,7 @@ from .core.budget import Budget, local_world_size, parse_budget
 from .core.errors import OffloadError
 from .core.hooks import ForwardPass
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
-from .core.regions import Region, RegionHooks, resolve_regions
+from .core.regions import Region, RegionHooks, compiled_model_error, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
 from .observe.hostmem import available_host_bytes
 from .observe.report import Report
@@ -152,6 +152,10 @@ class HybridCheckpointer:
             fp.close(failed=exc_type is not None)
             rt.stats.forwards += 1
             rt.policy.end_forward(fp, failed=exc_type is not None)
+        never_recomputes = isinstance(rt.policy, FixedPolicy) and rt.policy.action is not Action.RECOMPUTE
+        if exc_type is None and fp.compiled_gap and not fp.region_calls and self.regions and not never_recomputes:
+            raise OffloadError(compiled_model_error(
+                "the model ran compiled as a whole with torch.compile and none of its regions was seen"))
 
     def _check_foreign_checkpointing(self) -> None:
         """Hugging Face's own gradient checkpointing recomputes every layer with

@@ -498,3 +498,69 @@ def test_replays_inside_the_next_forward_open_no_regions():
             assert torch.equal(a[name], b[name]), f"step {s}: gradient of {name} differs"
     names = [seg["name"] for seg in hc.report().segments]
     assert [n for n in names if n.startswith("blocks")] == [f"blocks.{i}" for i in range(4)], names
+
+
+# -- torch.compile around the whole model -----------------------------------------------------------
+
+@pytest.mark.parametrize("when, policy", [("compiled-under-hc", "recompute"), ("compiled-under-hc", "auto"),
+                                          ("compiled-before-hc", "recompute"), ("compiled-before-hc", "auto"),
+                                          ("hc-of-compiled", "recompute")])
+def test_compiling_the_whole_model_raises_at_the_first_forward(when, policy):
+    """Dynamo runs the region hooks of a whole compiled model at graph breaks, or not at all when
+    the graph was compiled before they existed (it ignores hooks added later); either way its
+    regions cannot be replayed. Compiling the blocks works (test_block_compiled_in_place)."""
+    torch._dynamo.reset()
+    model = Stack(TanhOut)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(BATCH, D)
+    if when == "compiled-before-hc":
+        compiled(x).backward()  # a plain compiled step first: its graph has no region hooks
+    hc = checkpointer(compiled if when == "hc-of-compiled" else model, policy)
+    with pytest.raises(OffloadError, match=r"Compile the blocks.*torch\.compile\(block\)"):
+        with hc:
+            compiled(x)
+    with hc:  # Rule 9: the runtime still works, uncompiled
+        loss = model(x)
+    loss.backward()
+    assert hc.stats.replays == 4
+
+
+def test_compiling_the_whole_model_with_offload_needs_no_replay():
+    """Offload never replays: a whole compiled model trains as it does without the runtime."""
+    torch._dynamo.reset()
+
+    def compiled():
+        model = Stack(TanhOut)
+        return model, torch.compile(model, backend="aot_eager")
+
+    ref_model, ref_compiled = compiled()
+    model, compiled_model = compiled()
+    hc = checkpointer(model, "offload")
+    for s in range(3):
+        x = torch.randn(BATCH, D)
+        ref_compiled(x).backward()
+        with hc:
+            loss = compiled_model(x)
+        loss.backward()
+        for (n, a), b in zip(ref_model.named_parameters(), model.parameters()):
+            assert torch.equal(a.grad, b.grad), f"step {s}: gradient of {n} differs"
+        ref_model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+    assert hc.stats.offloaded_bytes > 0
+
+
+def test_compiled_modules_outside_the_regions_are_no_whole_model():
+    """Compiling the modules around the blocks (here the input projection and the head) is fine."""
+    torch._dynamo.reset()
+
+    def compiled():
+        model = Stack(TanhOut)
+        model.inp = torch.compile(model.inp, backend="aot_eager")
+        model.head = torch.compile(model.head, backend="aot_eager")
+        return model
+
+    ref = run(compiled(), None, steps=3)
+    model = compiled()
+    hc = checkpointer(model, "recompute")
+    assert_same(ref, run(model, hc, steps=3))
+    assert hc.stats.replays == 4

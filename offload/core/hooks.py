@@ -23,9 +23,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
+from .errors import OffloadError
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
+from .regions import compiled_model_error, in_compiled_module
 from .selective import OpStore, SaveOps
 
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ class ForwardPass:
         self.records: list[TensorRecord] = []
         self.input_bytes: dict[int, int] = {}  # region segment -> bytes of its tensor inputs
         self.lookahead = 0  # segments ahead for prefetch, fixed when the forward closes
+        self.compiled_gap = False  # a tensor was saved outside regions inside a compiled model
 
     def _current(self) -> Segment:
         """The open segment; the first one opens lazily, after the model's inputs are known."""
@@ -119,6 +122,9 @@ class ForwardPass:
         site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
         idx = len(self.segments)
         plan = self.rt.policy.region(site, idx)
+        if plan.action is Action.RECOMPUTE and in_compiled_module(region.module):
+            raise OffloadError(compiled_model_error(f"region {region.name} is to be recomputed inside "
+                                                    f"a model compiled as a whole with torch.compile"))
         nth = self._calls_of.get(id(region.module), 0)
         self._calls_of[id(region.module)] = nth + 1
         seg = Segment(idx, region.name if nth == 0 else f"{region.name}#{nth}", plan, site)
@@ -205,6 +211,8 @@ class ForwardPass:
         k = self.pack_index
         self.pack_index += 1
         seg = self._current()
+        if not self.depth and not self.compiled_gap:
+            self.compiled_gap = in_compiled_module()
         key = storage_key(t)
         param = self._is_param(t, key)
         first = self._record(k, t, seg, key, param)

@@ -109,6 +109,26 @@ def _eager(hook: Callable) -> Callable:
     return hook if dynamo is None else dynamo.disable(hook)
 
 
+def in_compiled_module(module: nn.Module | None = None) -> bool:
+    """Whether a module compiled with torch.compile (an `OptimizedModule`) other than `module` is
+    being called: its hooks, forward and graph breaks, and the modules inside it."""
+    dynamo = sys.modules.get("torch._dynamo")
+    frames = getattr(dynamo, "eval_frame", None)
+    probe = getattr(frames, "_is_in_optimized_module", None)
+    if probe is None or not probe():
+        return False
+    return not isinstance(module, frames.OptimizedModule)  # its own call sets the flag too
+
+
+def compiled_model_error(what: str) -> str:
+    """The message for recompute under a model compiled as a whole (`what` happened)."""
+    return (f"HybridCheckpointer: {what}. Dynamo runs the runtime's region hooks of a model compiled as a "
+            f"whole only at graph breaks, or not at all when the graph was compiled before they existed, "
+            f"so its regions cannot be replayed. Compile the blocks instead of the model, and call the "
+            f"model itself uncompiled: `model.layers[i] = torch.compile(block)` (or `block.compile()`) "
+            f"for each block. Policies 'keep' and 'offload' never replay and work with a compiled model.")
+
+
 def output_grad_fns(output) -> list:
     """The distinct grad_fns of the tensors in a module's output (any nesting)."""
     seen, out = set(), []
