@@ -9,7 +9,9 @@ from torch.utils.checkpoint import checkpoint
 
 from offload import Action, EmulatedBackend, HybridCheckpointer, OffloadError, RegionSite
 
-from .conftest import MIN_OFFLOAD, under
+from bench.gpt import make_batch
+
+from .conftest import MIN_OFFLOAD, TINY, tiny_gpt, under
 
 D = 128  # features: a (64, 128) float32 activation is 32 KiB, above MIN_OFFLOAD
 BATCH = 64
@@ -564,3 +566,34 @@ def test_compiled_modules_outside_the_regions_are_no_whole_model():
     hc = checkpointer(model, "recompute")
     assert_same(ref, run(model, hc, steps=3))
     assert hc.stats.replays == 4
+
+
+# -- the caller's random stream ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_random_stream_after_backward_is_plain_pytorchs(policy):
+    """The other tests reseed before every forward, so a replay that left the generator where the
+    forward's state put it would go unseen. Here one seed runs through several steps with dropout:
+    losses, gradients and the draws after each backward must be plain PyTorch's."""
+
+    def draws(model, hc):
+        torch.manual_seed(0)
+        out = []
+        for s in range(4):
+            idx, tgt = make_batch(TINY, 4, seed=s)
+            with under(hc):
+                _, loss = model(idx, tgt)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()], torch.rand(8)))
+            model.zero_grad(set_to_none=True)
+        return out
+
+    ref = draws(tiny_gpt(), None)
+    model = tiny_gpt()
+    hc = checkpointer(model, policy)
+    got = draws(model, hc)
+    assert hc.stats.replays > 0
+    for s, ((la, ga, ra), (lb, gb, rb)) in enumerate(zip(ref, got)):
+        assert torch.equal(la, lb), f"step {s}: loss differs"
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb)), f"step {s}: gradients differ"
+        assert torch.equal(ra, rb), f"step {s}: the draws after backward differ"
