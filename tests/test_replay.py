@@ -502,6 +502,59 @@ def test_replays_inside_the_next_forward_open_no_regions():
     assert [n for n in names if n.startswith("blocks")] == [f"blocks.{i}" for i in range(4)], names
 
 
+# -- a replay that differs says where and why -----------------------------------------------------
+
+class Branchy(nn.Module):
+    """Does other work when `mode` changes between its forward and its replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.mode = "same"
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.mode == "narrow":
+            return y[:, : D // 2].sin().cos().repeat(1, 2)
+        if self.mode == "fewer":
+            return y * 2  # a product by a number saves nothing
+        return y.sin().cos()
+
+
+CAUSES = ("hook", "torch.compile", "control flow", "random numbers drawn outside torch")
+
+
+def branchy_loss(mode_in_replay):
+    model = Stack(Branchy)
+    hc = checkpointer(model, "recompute")
+    with hc:
+        loss = model(torch.randn(BATCH, D))
+    model.blocks[3].mode = mode_in_replay
+    return loss
+
+
+def test_replay_that_saves_another_shape_names_both_ops_and_the_likely_causes():
+    loss = branchy_loss("narrow")
+    with pytest.raises(OffloadError) as err:
+        loss.backward()
+    msg = str(err.value)
+    assert "recompute of region blocks.3 differs from its forward at saved tensor #2: the forward saved a " \
+           "(64, 128) torch.float32 tensor made by addmm (AddmmBackward0), the replay a (64, 64) " \
+           "torch.float32 tensor made by slice (SliceBackward0)" in msg, msg
+    assert all(cause in msg for cause in CAUSES), msg
+
+
+def test_replay_that_saves_fewer_tensors_names_the_first_missing_op():
+    loss = branchy_loss("fewer")
+    with pytest.raises(OffloadError) as err:
+        loss.backward()
+    msg = str(err.value)
+    assert "recompute of region blocks.3 saved 2 tensors for backward, but its forward saved 4; the first " \
+           "one the replay did not save is #2, a (64, 128) torch.float32 tensor made by addmm " \
+           "(AddmmBackward0)" in msg, msg
+    assert all(cause in msg for cause in CAUSES), msg
+
+
 # -- torch.compile around the whole model -----------------------------------------------------------
 
 @pytest.mark.parametrize("when, policy", [("compiled-under-hc", "recompute"), ("compiled-under-hc", "auto"),
