@@ -144,6 +144,23 @@ def test_state_updated_between_steps_is_not_a_change(policy):
     assert hc.stats.replays > 0
 
 
+def test_state_assigned_anew_is_still_watched():
+    """Where a module's state lives is learned once; a tensor assigned there later is read, and
+    watched, from there."""
+    model = Stack(Shifted)
+    hc = checkpointer(model, "recompute")
+    run(model, hc, steps=1)
+    for b in model.blocks:
+        b.scale = b.scale * 0.5  # a new tensor attribute
+        b.offset = b.offset * 0.5  # a new buffer (nn.Module puts it in _buffers)
+    with hc:
+        loss = model(torch.randn(BATCH, D))
+    with torch.no_grad():
+        model.blocks[1].scale.add_(1)
+    with pytest.raises(OffloadError, match=r"blocks\.1\.scale.*modified in place"):
+        loss.backward()
+
+
 def test_saved_tensor_changed_after_the_forward_and_before_a_second_backward_raises():
     """retain_graph=True, then an optimizer step: plain PyTorch raises on the saved weight; the
     replay must not run on the updated parameters either."""

@@ -3,7 +3,9 @@
 Rule 5 for recompute: the replay reads the module's state again in backward, so that state must
 be what the forward read. `StateReads` records each tensor's version when the region call starts,
 and the replay raises if one changed since (a parameter updated in place, a buffer reset, a
-tensor attribute edited between forward and backward).
+tensor attribute edited between forward and backward). Where a module's state lives is found on
+its first call per training mode; what is assigned there later is read from there, but a tensor
+attribute that did not exist then is not watched.
 
 Rule 7 for state the forward itself modifies (BatchNorm's running statistics and batch count,
 spectral norm's power-iteration vectors, a step counter): the replay must read what the forward
@@ -28,10 +30,12 @@ from .errors import OffloadError
 
 @dataclass
 class Habits:
-    """What one region module's forward was seen to modify in place, in one training mode."""
+    """What one region module's forward was seen to modify in place, in one training mode, and
+    where its state lives."""
 
     inputs: bool | None = None  # its tensor inputs; None: not seen yet
     state: frozenset[str] | None = None  # names of its state tensors; None: not seen yet
+    places: list | None = None  # state_places(module), found on the first call
 
 
 class HabitBook:
@@ -46,19 +50,20 @@ class HabitBook:
             return self._by_module.setdefault(module, {}).setdefault(module.training, Habits())
 
 
-def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
-    """(name under `module`, tensor, is a buffer) for every parameter, buffer and tensor
-    attribute of `module` and its submodules, each tensor once."""
+def state_places(module: nn.Module) -> list[tuple[str, dict, str, bool]]:
+    """(name under `module`, the dict that holds it, its key there, is a buffer) for every
+    parameter, buffer and tensor attribute of `module` and its submodules, each tensor once.
+    The dicts are the modules' own, so a tensor assigned again later is found there."""
     seen: set[int] = set()
     out = []
     for prefix, mod in module.named_modules():
         dot = f"{prefix}." if prefix else ""
-        attrs = ((k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor))
-        for is_buffer, items in ((False, mod._parameters.items()), (True, mod._buffers.items()), (False, attrs)):
-            for name, t in items:
-                if t is not None and id(t) not in seen:
+        attrs = vars(mod)
+        for is_buffer, where in ((False, mod._parameters), (True, mod._buffers), (False, attrs)):
+            for name, t in where.items():
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
                     seen.add(id(t))
-                    out.append((dot + name, t, is_buffer))
+                    out.append((dot + name, where, name, is_buffer))
     return out
 
 
@@ -68,7 +73,10 @@ class StateReads:
 
     def __init__(self, module: nn.Module, habits: Habits):
         self.habits = habits
-        self.tensors = state_tensors(module)
+        if habits.places is None:
+            habits.places = state_places(module)
+        self.tensors = [(name, t, is_buffer) for name, where, key, is_buffer in habits.places
+                        if isinstance(t := where.get(key), torch.Tensor)]
         self.versions = [t._version for _, t, _ in self.tensors]
         self._learning = habits.state is None
         known = habits.state or frozenset()
