@@ -174,6 +174,20 @@ def test_saved_tensor_changed_after_the_forward_and_before_a_second_backward_rai
         loss.backward()
 
 
+@pytest.mark.parametrize("policy", ["keep", "offload", "recompute"])
+def test_region_input_modified_in_place_after_the_forward_raises(policy):
+    """The region's input is saved (by its first linear) or held for the replay: both see it."""
+    model = Stack(Shifted)
+    hc = checkpointer(model, policy, keep_last=0)
+    h = model.inp(torch.randn(BATCH, D))
+    with hc:
+        out = model.blocks[0](h)
+    with torch.no_grad():
+        h.add_(1)
+    with pytest.raises(OffloadError, match="modified in place"):
+        out.sum().backward()
+
+
 class TanhOut(nn.Module):
     """tanh saves its own output: the block's output is a saved tensor."""
 
@@ -286,6 +300,54 @@ def test_state_the_forward_modifies_ends_as_after_a_plain_step(policy, block):
     hc = checkpointer(model, policy)
     assert_same(ref, run(model, hc))
     assert hc.stats.replays > 0
+
+
+def test_second_backward_replays_again_and_leaves_the_state_alone():
+    """retain_graph=True: the second backward replays every block again (Rule 1), and restores
+    the statistics again."""
+
+    def twice(model, hc):
+        torch.manual_seed(0)
+        with under(hc):
+            loss = model(torch.randn(BATCH, D))
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return [(loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                 {n: b.clone() for n, b in model.named_buffers()})]
+
+    ref = twice(Stack(Normed), None)
+    model = Stack(Normed)
+    hc = checkpointer(model, "recompute")
+    assert_same(ref, twice(model, hc))
+    assert hc.stats.replays == 8
+
+
+def test_forward_that_fails_inside_a_block_then_training_goes_on():
+    """Rule 9: a forward that raises after BatchNorm updated its statistics leaves them as plain
+    PyTorch does, and teaches the runtime nothing that breaks the next steps."""
+
+    class Failing(Normed):
+        fail = False
+
+        def forward(self, x):
+            out = super().forward(x)
+            if self.fail:
+                raise KeyError("boom")
+            return out
+
+    def with_failure(model, hc):
+        out = run(model, hc, steps=1, seed=0)
+        model.blocks[2].fail = True
+        with pytest.raises(KeyError):
+            with under(hc):
+                model(torch.randn(BATCH, D))
+        model.blocks[2].fail = False
+        return out + run(model, hc, steps=3, seed=1)
+
+    ref = with_failure(Stack(Failing), None)
+    model = Stack(Failing)
+    hc = checkpointer(model, "recompute")
+    assert_same(ref, with_failure(model, hc))
 
 
 def test_torch_checkpoint_counts_batchnorm_twice():
