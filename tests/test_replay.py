@@ -54,24 +54,21 @@ class Stack(nn.Module):
         return self.head(h).square().mean()
 
 
-def run(model, hc, steps: int = 4, *, optimizer: bool = True, between=None, seed: int = 0):
+def run(model, hc, steps: int = 4, seed: int = 0):
     """`steps` steps (forward, backward, SGD step); per step the loss, the gradients and every
-    buffer after the step. `between(model, step)` runs after each forward, before its backward."""
+    buffer after the step."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05) if optimizer else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     out = []
     for s in range(steps):
         x = torch.randn(BATCH, D, generator=g)
         torch.manual_seed(100 + s)
         with under(hc):
             loss = model(x)
-        if between is not None:
-            between(model, s)
         loss.backward()
         out.append((loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()},
                     {n: b.clone() for n, b in model.named_buffers()}))
-        if opt is not None:
-            opt.step()
+        opt.step()
         model.zero_grad(set_to_none=True)
     return out
 
@@ -440,7 +437,8 @@ def test_replay_that_fails_leaves_the_state_as_the_forward_left_it():
     with hc:
         loss = model(torch.randn(BATCH, D))
     after_forward = {n: b.clone() for n, b in model.named_buffers()}
-    model.blocks[2].lin.forward = lambda x: nn.functional.linear(x[:, : D // 2].repeat(1, 2), model.blocks[2].lin.weight)
+    lin = model.blocks[2].lin
+    lin.forward = lambda x: nn.functional.linear(x[:, : D // 2].repeat(1, 2), lin.weight)  # saves other shapes
     with pytest.raises(OffloadError, match="differs from its forward"):
         loss.backward()
     for n, b in model.named_buffers():
