@@ -14,7 +14,7 @@ from .core.budget import Budget, local_world_size, parse_budget
 from .core.errors import OffloadError, warn
 from .core.hooks import ForwardPass, param_storage_ids
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
-from .core.regions import Region, RegionHooks, RegionsArg, resolve_regions
+from .core.regions import Region, RegionHooks, RegionsArg, compiled_model_error, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
 from .core.verify import OpNames, Verifier, Verify, resolve_verify
 from .observe.hostmem import available_host_bytes
@@ -182,6 +182,10 @@ class HybridCheckpointer:
                 f"any of its regions, so the runtime could not plan or recompute them. Build the checkpointer "
                 f"for the model you call (a copy such as copy.deepcopy(model) is another model), or call "
                 f"that model inside `with hc:`")
+        never_recomputes = isinstance(rt.policy, FixedPolicy) and rt.policy.action is not Action.RECOMPUTE
+        if exc_type is None and fp.compiled_gap and not fp.region_calls and self.regions and not never_recomputes:
+            raise OffloadError(compiled_model_error(
+                "the model ran compiled as a whole with torch.compile and none of its regions was seen"))
 
     def _model_call(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         """The model's forward pre-hook while `with hc:` is active: note the call and the input
@@ -213,8 +217,9 @@ class HybridCheckpointer:
             raise ValueError(f"HybridCheckpointer.attach({type(module).__name__}): the module is neither the "
                              f"model the checkpointer was built for ({type(model).__name__}), a part of it, nor a "
                              f"wrapper around it; attach the model you train, or build the checkpointer for it")
+        # Inert while the runtime is active, and inside a replay (recompute calls blocks again).
         return Attachment(module, self._enter_attached, lambda exc_type: self.__exit__(exc_type, None, None),
-                          lambda: self._active is not None)
+                          lambda: self._active is not None or self._runtime.replay_guard.depth > 0)
 
     def _enter_attached(self, args: tuple, kwargs: dict) -> None:
         """`with hc:` entered from an attached module's pre-hook, which runs before the model's

@@ -104,7 +104,7 @@ def test_evaluation_runs_plain(tmp_path):
     trainer.train()
     assert calls == [True, False, False]  # one training forward, then two evaluation batches
     assert any("eval_loss" in h for h in trainer.state.log_history)
-    assert hc.stats.step == 0 and hc.stats.forwards == 1  # evaluation did not enter the runtime
+    assert hc.stats.step == 1 and hc.stats.forwards == 1  # evaluation did not enter the runtime
     hc.close()
 
 

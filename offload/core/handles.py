@@ -16,6 +16,7 @@ weakly, so a forward whose handles all died (a graph never backpropagated) is kn
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -207,15 +208,27 @@ class SlotHandle:
     autograd releases the node's saved variables. Unpack stays repeatable (Rule 1): while the
     storage lives the same data comes back; after it died (retain_graph=True, a later read of
     grad_fn._saved_*) the region is replayed again.
+
+    Rule 5: the version the tensor had at save is checked at unpack, against the tensor while it
+    lives, else against the version its region saw when its forward ended (`changed`).
     """
 
-    __slots__ = ("frame", "index", "value", "_used", "__weakref__")
+    __slots__ = ("frame", "index", "value", "version", "ref", "changed", "pinned", "_used", "__weakref__")
 
-    def __init__(self, frame, index: int):
+    def __init__(self, frame, index: int, t: torch.Tensor):
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
+        self.version = t._version
+        self.ref = weakref.ref(t)  # only to check the version while the tensor lives
+        self.changed: int | None = None  # a later version seen by the region, if any
+        self.pinned = False  # the forward's tensor is kept: its region cannot be replayed
         self._used: tuple[StorageWeakRef, ViewMeta] | None = None
+
+    def pin(self, t: torch.Tensor) -> None:
+        """Keep the forward's own tensor: this region call will not be replayed."""
+        self.value = t
+        self.pinned = True
 
     def current(self) -> torch.Tensor | None:
         """The recomputed tensor if its storage is still alive, else None."""
@@ -227,7 +240,20 @@ class SlotHandle:
         storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
         return None if storage is None else view.on(storage)
 
+    def _check_version(self) -> None:
+        live = self.ref()
+        if live is None and self.pinned:
+            live = self.value
+        seen = live._version if live is not None else self.changed
+        if seen is not None and seen != self.version:
+            shape, dtype = self.frame.meta[self.index][:2]
+            raise _modified(f"tensor of shape {tuple(shape)} and dtype {dtype}", self.frame.name,
+                            self.version, seen)
+
     def unpack(self) -> torch.Tensor:
+        self._check_version()
+        if self.pinned:
+            return self.value
         value = self.current()
         if value is None:
             self.frame.replay()

@@ -32,10 +32,11 @@ from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
 from .dtensor import data_of, spec_of, storage
-from .errors import warn
+from .errors import OffloadError, warn
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
+from .regions import compiled_model_error, in_compiled_module
 from .runtime import GraphToken
 from .selective import OpStore, SaveOps
 from .verify import Verifier
@@ -121,6 +122,7 @@ class ForwardPass:
         self.lookahead = 0  # segments ahead for prefetch, fixed when the forward closes
         self.verifier: Verifier | None = None  # verify mode: references taken at pack
         self.meshes: dict = {}  # device meshes of the DTensors saved, in first-save order
+        self.compiled_gap = False  # a tensor was saved outside regions inside a compiled model
 
     @property
     def started(self) -> bool:
@@ -172,6 +174,9 @@ class ForwardPass:
         site = RegionSite(region.name, call, region.module, tail=call >= self._tail_from())
         idx = len(self.segments)
         plan = self.rt.policy.region(site, idx)
+        if plan.action is Action.RECOMPUTE and in_compiled_module(region.module):
+            raise OffloadError(compiled_model_error(f"region {region.name} is to be recomputed inside "
+                                                    f"a model compiled as a whole with torch.compile"))
         nth = self._calls_of.get(id(region.module), 0)
         self._calls_of[id(region.module)] = nth + 1
         seg = Segment(idx, region.name if nth == 0 else f"{region.name}#{nth}", plan, site)
@@ -190,9 +195,9 @@ class ForwardPass:
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)
         if plan.action is Action.RECOMPUTE:
             seg.frame = RecomputeFrame(
-                seg.name, region.module.forward, args, kwargs, self.device,
+                seg.name, region.module, args, kwargs, self.device,
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.rt.replay_guard,
-                on_replay=self.stats.add_replay, mark=self.backend.mark)
+                on_replay=self.stats.add_replay, mark=self.backend.mark, habits=self.rt.habits.of(region.module))
             if self.settings.op_policy is not None:
                 seg.frame.store = OpStore()
                 seg.mode = SaveOps(self.settings.op_policy, seg.frame.store,
@@ -210,7 +215,9 @@ class ForwardPass:
         if seg.mode is not None:
             seg.mode.__exit__(None, None, None)
             seg.mode = None
-        seg.frame = None  # the frame now lives as long as its slots
+        frame, seg.frame = seg.frame, None  # the frame now lives as long as its slots
+        if frame is not None and not frame.end_forward():  # it keeps what its forward saved
+            seg.saved["kept"] = seg.saved.get("kept", 0) + seg.saved.pop("recomputed", 0)
         self.region_calls += 1
         if output is not None:
             from .regions import output_grad_fns
@@ -242,6 +249,8 @@ class ForwardPass:
         self._seen.clear()
         self._counted.clear()
         for seg in self.segments:
+            if seg.frame is not None:  # a region the forward never left
+                seg.frame.abandon()
             seg.frame = None
             for action, nbytes in seg.saved.items():
                 if action is None:
@@ -267,6 +276,8 @@ class ForwardPass:
         k = self.pack_index
         self.pack_index += 1
         seg = self._current()
+        if not self.depth and not self.compiled_gap:
+            self.compiled_gap = in_compiled_module()
         key = storage_key(t)
         if key is None:  # no storage to key on, count or move: kept as autograd keeps it
             if seg.frame is not None:

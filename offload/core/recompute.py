@@ -7,23 +7,46 @@ dropped ones by order; shape or dtype that differ, or a different count, raise O
 stops as soon as the last still-needed tensor exists. Inputs that were offloaded are unpacked
 through their handles, so the replay waits for their reloads.
 
+The replay calls the module the way the forward did (`module(*args, **kwargs)`), so the user's
+forward pre-hooks and hooks run again and a module compiled in place (`module.compile()`) runs its
+compiled code; the runtime's own region hooks do not open new regions meanwhile (ReplayGuard).
+What the region reads from its module, and the state its forward modifies, are `StateReads`
+(state.py): checked before the replay, and snapshotted and restored around it.
+
+Rule 5 for recomputed tensors: each slot records the version of the tensor it stands for. Until
+the region's forward ends the frame holds those tensors, so an in-place change inside the region
+is seen even if the tensor dies there; afterwards the slot watches the tensor while it lives.
+
+A region whose forward modifies its tensor inputs in place (its first op `ReLU(inplace=True)`)
+would replay from modified inputs: the first call of each region module (per training mode)
+clones its inputs and keeps the clones if they were needed; such a region's later calls keep
+clones of their inputs, and each replay runs on a copy of them. A region that does something
+its earlier calls did not (modifies its inputs or state where nothing was snapshotted) cannot be
+replayed: that call keeps what its forward saved instead, and the runtime says so.
+
 Our own replay rather than torch.utils.checkpoint: the region's inputs must themselves be
 offloadable, and every saved tensor must pass through one hook.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import threading
 import weakref
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import OffloadError
 from .handles import SlotHandle
 from ..observe.ranges import op_range
 from .selective import ReplayOps
+from .state import Habits, StateReads
+
+log = logging.getLogger(__name__)
 
 
 class _StopReplay(Exception):
@@ -60,22 +83,43 @@ def _device_module(device: torch.device):
 
 
 class RecomputeFrame:
-    """All state of one recomputed region call: inputs, RNG/autocast state, and its slots."""
+    """All state of one recomputed region call: inputs, RNG/autocast state, module state, slots."""
 
-    def __init__(self, name: str, forward: Callable, args: tuple, kwargs: dict, device: torch.device,
+    def __init__(self, name: str, module: nn.Module, args: tuple, kwargs: dict, device: torch.device,
                  pack_input: Callable[[torch.Tensor], Any], guard: ReplayGuard,
-                 on_replay: Callable[[str, object, object, list], None], mark: Callable[[], object]):
+                 on_replay: Callable[[str, object, object, list], None], mark: Callable[[], object],
+                 habits: Habits):
         self.name = name
-        self.forward = forward
+        self.module = module
         self.device = device
         self.guard = guard
         self.on_replay = on_replay
         self.mark = mark
+        self.habits = habits
+        self.reads = StateReads(module, habits)  # before the user's pre-hooks run (ours runs first)
         flat, self.spec = tree_flatten((args, kwargs))
-        # A KV cache (Hugging Face) is replayed as None: the replay must not append to it again,
-        # and in training there is no past, so attention sees the same keys either way.
-        self.inputs = [(pack_input(x), x.requires_grad) if isinstance(x, torch.Tensor)
-                       else (None, None if is_kv_cache(x) else x) for x in flat]
+        # Inputs the forward may modify in place are cloned (see the module docstring).
+        self.copy_inputs = habits.inputs is True
+        self._pack_input = pack_input
+        self._live: list[tuple[int, torch.Tensor, int]] = []  # (position, input, version) until forward ends
+        self._clones: dict[int, torch.Tensor] = {}  # position -> clone, while not known to be needed
+        self.inputs = []
+        for i, x in enumerate(flat):
+            if not isinstance(x, torch.Tensor):
+                # A KV cache (Hugging Face) is replayed as None: the replay must not append to it
+                # again, and in training there is no past, so attention sees the same keys either way.
+                self.inputs.append((None, None if is_kv_cache(x) else x))
+                continue
+            self._live.append((i, x, x._version))
+            requires_grad = x.requires_grad
+            if habits.inputs is not False:
+                with torch.no_grad():
+                    clone = x.detach().clone()
+                if self.copy_inputs:
+                    x = clone
+                else:
+                    self._clones[i] = clone
+            self.inputs.append((pack_input(x), requires_grad))
         self.cpu_rng = torch.get_rng_state()
         mod = _device_module(device)
         self.device_rng = mod.get_rng_state(device) if mod is not None else None
@@ -83,8 +127,10 @@ class RecomputeFrame:
                          for dt in dict.fromkeys(("cpu", device.type))]
         self.autocast_cache = torch.is_autocast_cache_enabled()
         self.default_device = torch.get_default_device()
-        self.meta: list[tuple[tuple[int, ...] | None, torch.dtype]] = []  # per saved tensor, in pack order
+        # per saved tensor, in pack order: shape (None: nested), dtype, and the op that made it
+        self.meta: list[tuple[tuple[int, ...] | None, torch.dtype, str | None]] = []
         self.slots: list[weakref.ref | None] = []  # None where the tensor was kept (parameters)
+        self._held: list[tuple[SlotHandle, torch.Tensor]] = []  # the slots' tensors, until forward ends
         self.store = None  # an OpStore when selective recompute saved some op outputs
         self._lock = threading.Lock()
         self._cursor = 0
@@ -92,14 +138,51 @@ class RecomputeFrame:
 
     # -- forward ----------------------------------------------------------------------------------
     def add_kept(self, t: torch.Tensor) -> None:
-        self.meta.append((_shape(t), t.dtype))
+        self.meta.append((_shape(t), t.dtype, _producer(t)))
         self.slots.append(None)
 
     def add_slot(self, t: torch.Tensor) -> SlotHandle:
-        slot = SlotHandle(self, len(self.meta))
-        self.meta.append((_shape(t), t.dtype))
+        slot = SlotHandle(self, len(self.meta), t)
+        self.meta.append((_shape(t), t.dtype, _producer(t)))
         self.slots.append(weakref.ref(slot))
+        self._held.append((slot, t))
         return slot
+
+    def end_forward(self) -> bool:
+        """The region's forward returned: learn its habits, settle what the replay will read.
+        False when it cannot be replayed: its slots then keep the forward's tensors."""
+        modified = [i for i, x, version in self._live if x._version != version]
+        surprises = self.reads.end_forward()
+        if self.habits.inputs is None:
+            self.habits.inputs = bool(modified)
+            self.copy_inputs = bool(modified)
+            for i in modified:
+                self.inputs[i] = (self._pack_input(self._clones[i]), self.inputs[i][1])
+        elif modified and not self.copy_inputs:
+            self.habits.inputs = True
+            surprises.append("its inputs")
+        for slot, t in self._held:  # Rule 5: an in-place change after the save, inside the region
+            if t._version != slot.version:
+                slot.changed = t._version
+        replayable = not surprises
+        if not replayable:
+            log.warning("HybridCheckpointer: region %s modified %s in place during this forward, which "
+                        "its earlier calls did not; this call cannot be recomputed, so it keeps the "
+                        "tensors its forward saved. Later calls snapshot them and recompute.",
+                        self.name, ", ".join(surprises))
+            for slot, t in self._held:
+                slot.pin(t.detach())
+            self.inputs = []
+        self._held.clear()
+        self._live.clear()
+        self._clones.clear()
+        return replayable
+
+    def abandon(self) -> None:
+        """The forward failed inside the region: let go of what only the forward needed."""
+        self._held.clear()
+        self._live.clear()
+        self._clones.clear()
 
     # -- backward ---------------------------------------------------------------------------------
     def replay(self) -> None:
@@ -109,21 +192,23 @@ class RecomputeFrame:
                       if ref is not None and (s := ref()) is not None and s.current() is None]
             if not needed:
                 return
+            self.reads.check(self.name)
             self._stop_at = needed[-1]
             self._cursor = 0
             start = self.mark()
             args, kwargs = self._replay_inputs()
             with self._replay_context(), op_range(f"offload::recompute {self.name}", self.device.type == "cuda"):
                 try:
-                    self.forward(*args, **kwargs)
+                    self.module(*args, **kwargs)  # as the user called it: hooks, compiled code
                 except _StopReplay:
                     pass
                 else:
+                    shape, dtype, made_by = self.meta[self._cursor]  # _pack raised past the last one
                     raise OffloadError(
                         f"offload: recompute of region {self.name} saved {self._cursor} tensors for "
-                        f"backward, but its forward saved {len(self.meta)}. The region's forward must "
-                        f"do the same work when replayed: avoid branching on global state or on values "
-                        f"that change between forward and backward.")
+                        f"backward, but its forward saved {len(self.meta)}; the first one the replay did "
+                        f"not save is #{self._cursor}, a {tuple(shape)} {dtype} tensor {_made_by(made_by)}. "
+                        f"{_LIKELY_CAUSES}")
             refilled = [slot.value for i in needed if (slot := self.slots[i]()) is not None and slot.value is not None]
             self.on_replay(self.name, start, self.mark(), refilled)
 
@@ -132,8 +217,12 @@ class RecomputeFrame:
         for handle, extra in self.inputs:
             if handle is None:
                 flat.append(extra)
-            else:
-                flat.append(handle.unpack().detach().requires_grad_(extra))
+                continue
+            x = handle.unpack().detach().requires_grad_(extra)
+            if self.copy_inputs:  # the forward modifies its inputs: the replay must not modify ours
+                with torch.enable_grad():
+                    x = x.clone()
+            flat.append(x)
         return tree_unflatten(flat, self.spec)
 
     @contextlib.contextmanager
@@ -146,6 +235,7 @@ class RecomputeFrame:
             if dev_rng is not None:
                 mod.set_rng_state(self.device_rng, self.device)
             with contextlib.ExitStack() as stack:
+                stack.enter_context(self.reads.replayed())
                 for dt, enabled, dtype in self.autocast:
                     stack.enter_context(torch.autocast(dt, dtype=dtype, enabled=enabled,
                                                        cache_enabled=self.autocast_cache))
@@ -166,14 +256,16 @@ class RecomputeFrame:
         i = self._cursor
         self._cursor += 1
         if i >= len(self.meta):
-            raise OffloadError(f"offload: recompute of region {self.name} saved more tensors than its forward "
-                               f"({len(self.meta)}); the replay must do the same work as the forward")
-        shape, dtype = self.meta[i]
+            raise OffloadError(
+                f"offload: recompute of region {self.name} saved more tensors for backward than its "
+                f"forward ({len(self.meta)}); the first extra one is a {tuple(t.shape)} {t.dtype} tensor "
+                f"{_made_by(_producer(t))}. {_LIKELY_CAUSES}")
+        shape, dtype, made_by = self.meta[i]
         if _shape(t) != shape or t.dtype != dtype:
             raise OffloadError(
-                f"offload: recompute of region {self.name} saved tensor #{i} with shape {_shape(t)} "
-                f"and dtype {t.dtype}, but the forward saved shape {shape} and dtype {dtype}. "
-                f"The region's forward must be deterministic in what it computes.")
+                f"offload: recompute of region {self.name} differs from its forward at saved tensor #{i}: "
+                f"the forward saved a {tuple(shape)} {dtype} tensor {_made_by(made_by)}, the replay a "
+                f"{tuple(t.shape)} {t.dtype} tensor {_made_by(_producer(t))}. {_LIKELY_CAUSES}")
         ref = self.slots[i]
         slot = ref() if ref is not None else None
         if slot is not None and slot.current() is None:
@@ -187,6 +279,28 @@ def _shape(t: torch.Tensor) -> tuple[int, ...] | None:
     """What a replayed tensor's shape is matched by; None for a nested tensor (a strided one has
     no sizes, a jagged one a new nested int each time it is built: kept, it is only counted)."""
     return None if t.is_nested else tuple(t.shape)
+
+
+_LIKELY_CAUSES = (
+    "Recompute runs the region's forward again and needs it to do the same work. Likely causes: a "
+    "forward hook or pre-hook that behaves differently when called again; a module compiled with "
+    "torch.compile whose graph differs between the forward and the replay (compile the blocks, "
+    "not the whole model); control flow that depends on tensor values, on global state or on "
+    "module attributes changed since the forward; random numbers drawn outside torch (Python's "
+    "random, NumPy). Make the forward do the same work when called again, or keep this region "
+    "out of recompute (a policy callable returning Action.KEEP or Action.OFFLOAD for it).")
+
+
+def _producer(t: torch.Tensor) -> str | None:
+    fn = t.grad_fn
+    return fn.name() if fn is not None else None
+
+
+def _made_by(name: str | None) -> str:
+    if name is None:
+        return "with no autograd history (a parameter, an input or a constant)"
+    op = re.sub(r"(?<!^)(?=[A-Z])", "_", re.sub(r"Backward\d*$", "", name)).lower()
+    return f"made by {op} ({name})"
 
 
 def _never_unpacked(_):

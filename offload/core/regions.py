@@ -10,6 +10,7 @@ on `__exit__`, so outside `with hc:` the model runs exactly as plain PyTorch.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
@@ -172,15 +173,22 @@ def _given(model: nn.Module | None, items: list) -> list[Region]:
 
 
 class RegionHooks:
-    """Forward pre/post hooks on every region module, removed together."""
+    """Forward pre/post hooks on every region module, removed together.
+
+    The pre-hook runs first, before the user's pre-hooks: a region call begins where the module
+    is called, and the recompute frame records the arguments the module was called with (Rule 7:
+    the replay calls the module with them, so the user's pre-hooks run again on the same input).
+    The post-hook runs last. Both run eagerly even when the module is compiled in place
+    (`module.compile()`): Dynamo must not trace the runtime's bookkeeping.
+    """
 
     def __init__(self, regions: Sequence[Region], enter: Callable, exit: Callable):
         self._handles = []
         for r in regions:
             self._handles.append(r.module.register_forward_pre_hook(
-                lambda mod, args, kwargs, _r=r: enter(_r, args, kwargs), with_kwargs=True))
+                _eager(lambda mod, args, kwargs, _r=r: enter(_r, args, kwargs)), with_kwargs=True, prepend=True))
             self._handles.append(r.module.register_forward_hook(
-                lambda mod, args, output, _r=r: exit(_r, output), always_call=True))
+                _eager(lambda mod, args, output, _r=r: exit(_r, output)), always_call=True))
 
     def add(self, handle) -> None:
         """Remove `handle` together with the region hooks."""
@@ -190,6 +198,33 @@ class RegionHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _eager(hook: Callable) -> Callable:
+    """`hook`, hidden from Dynamo. Nothing is compiled unless Dynamo was imported, and importing
+    it takes seconds, so it is not imported here."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return hook if dynamo is None else dynamo.disable(hook)
+
+
+def in_compiled_module(module: nn.Module | None = None) -> bool:
+    """Whether a module compiled with torch.compile (an `OptimizedModule`) other than `module` is
+    being called: its hooks, forward and graph breaks, and the modules inside it."""
+    dynamo = sys.modules.get("torch._dynamo")
+    frames = getattr(dynamo, "eval_frame", None)
+    probe = getattr(frames, "_is_in_optimized_module", None)
+    if probe is None or not probe():
+        return False
+    return not isinstance(module, frames.OptimizedModule)  # its own call sets the flag too
+
+
+def compiled_model_error(what: str) -> str:
+    """The message for recompute under a model compiled as a whole (`what` happened)."""
+    return (f"HybridCheckpointer: {what}. Dynamo runs the runtime's region hooks of a model compiled as a "
+            f"whole only at graph breaks, or not at all when the graph was compiled before they existed, "
+            f"so its regions cannot be replayed. Compile the blocks instead of the model, and call the "
+            f"model itself uncompiled: `model.layers[i] = torch.compile(block)` (or `block.compile()`) "
+            f"for each block. Policies 'keep' and 'offload' never replay and work with a compiled model.")
 
 
 def output_grad_fns(output) -> list:

@@ -25,6 +25,7 @@ from .errors import warn
 from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
+from .state import HabitBook
 from .verify import Verify, VerifyLog
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Runtime:
         self.pool = pool
         self.policy: Policy | None = None  # set by the façade (the auto policy needs this runtime)
         self.replay_guard = ReplayGuard()
+        self.habits = HabitBook()  # what each region's forward modifies in place (Rule 7)
         # Rule 4: one host copy per (storage, version), keyed on the storage object, weakly held.
         self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.expected_calls = 0  # region calls the last complete forward made
