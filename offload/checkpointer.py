@@ -143,8 +143,8 @@ class HybridCheckpointer:
         rt.policy.begin_forward(fp)
         region_hooks = RegionHooks(self.regions, fp.enter_region, fp.exit_region)
         self._model_called = False
-        if self.model is not None:
-            region_hooks.add(self.model.register_forward_pre_hook(self._model_call, with_kwargs=True))
+        if self.model is not None:  # the input signature, before any segment is planned
+            region_hooks.add_pre_hook(self.model, lambda args, kwargs: self._model_call(self.model, args, kwargs))
         saved_hooks = torch.autograd.graph.saved_tensors_hooks(fp.pack, fp.unpack)
         op_names = OpNames() if rt.settings.verify is not None else None
         try:

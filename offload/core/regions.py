@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
@@ -180,19 +181,30 @@ class RegionHooks:
     the replay calls the module with them, so the user's pre-hooks run again on the same input).
     The post-hook runs last. Both run eagerly even when the module is compiled in place
     (`module.compile()`): Dynamo must not trace the runtime's bookkeeping.
+
+    Rule 8: module hooks belong to the module, not to one forward, so they act only on the thread
+    that entered `with hc:`. A call of the same module on another thread meanwhile runs plain.
     """
 
     def __init__(self, regions: Sequence[Region], enter: Callable, exit: Callable):
+        self._owner = threading.get_ident()
         self._handles = []
         for r in regions:
             self._handles.append(r.module.register_forward_pre_hook(
-                _eager(lambda mod, args, kwargs, _r=r: enter(_r, args, kwargs)), with_kwargs=True, prepend=True))
+                _eager(lambda mod, args, kwargs, _r=r: enter(_r, args, kwargs) if self._mine() else None),
+                with_kwargs=True, prepend=True))
             self._handles.append(r.module.register_forward_hook(
-                _eager(lambda mod, args, output, _r=r: exit(_r, output)), always_call=True))
+                _eager(lambda mod, args, output, _r=r: exit(_r, output) if self._mine() else None), always_call=True))
 
-    def add(self, handle) -> None:
-        """Remove `handle` together with the region hooks."""
-        self._handles.append(handle)
+    def _mine(self) -> bool:
+        return threading.get_ident() == self._owner
+
+    def add_pre_hook(self, module: nn.Module, fn: Callable[[tuple, dict], None]) -> None:
+        """Call `fn(args, kwargs)` before each call of `module` on this thread, until `remove()`."""
+        self._handles.append(module.register_forward_pre_hook(
+            # kwargs may be missing: PyTorch iterates a snapshot of the pre-hooks, so a hook removed
+            # meanwhile is still called once, as one registered without kwargs.
+            lambda mod, args, kwargs=None: fn(args, kwargs or {}) if self._mine() else None, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._handles:
