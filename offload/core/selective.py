@@ -12,6 +12,11 @@ Autograd sits above both modes, so the region still saves the same tensors in th
 the replay still matches them by position (Rule 7). A stored output that was modified in place
 after it was stored is not trusted: that op runs again in the replay instead. Random ops are
 never stored: skipping one in the replay would skip its RNG draw and shift every later one.
+
+Rule 1 for stored outputs: the replay gets a fresh alias of each, never the stored tensor itself.
+Autograd sets the replay's history on what an op returns; were that the stored tensor, it would
+hold the replay's graph, whose hooks hold the frame that holds the store: a cycle through C++
+that gc cannot see, leaking every stored output of every step.
 """
 from __future__ import annotations
 
@@ -73,7 +78,10 @@ class _Kept:
         self.version = t._version
 
     def get(self) -> torch.Tensor | None:
-        return self.tensor if self.tensor._version == self.version else None
+        if self.tensor._version != self.version:
+            return None
+        with _versioned_views():  # Rule 1 above: a fresh alias, never the stored tensor
+            return self.tensor.detach()
 
 
 class _Moved:
