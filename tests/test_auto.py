@@ -33,6 +33,7 @@ def auto(model, budget, **kw):
                               min_offload_bytes=MIN_OFFLOAD, **kw)
 
 
+@pytest.mark.slow
 def test_half_the_keep_peak_is_respected_with_equal_gradients(keep_peak):
     budget = keep_peak // 2
     ref = train(tiny_gpt(), None, steps=4, batch=BATCH)

@@ -38,6 +38,7 @@ def run_bench(*args: str, out: Path) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_quick_run_prints_table_writes_json_and_png(tmp_path):
     proc = run_bench(out=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -99,6 +100,7 @@ def test_bad_device_is_a_usage_error(device, message, capsys):
     assert message in err, err
 
 
+@pytest.mark.slow
 def test_loss_curve_check_is_exactly_zero_on_cpu(tmp_path):
     proc = run_bench("--skip-main", "--steps", "3", out=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -126,6 +128,7 @@ def test_largest_fitting_doubles_then_bisects(limit, upper, expected):
         assert asked == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
 
 
+@pytest.mark.slow
 def test_max_fit_checkpointing_fits_a_larger_batch_than_plain():
     preset = PRESETS["quick"]
     # quick model peaks (MiB): plain 2.1 / 3.8 / 7.1 at batch 1 / 2 / 4; checkpoint 4.9 at batch 4

@@ -105,10 +105,10 @@ def test_a_failed_forward_does_not_shrink_the_next_steps_offload():
     hc = HybridCheckpointer(model, policy="offload", min_offload_bytes=MIN_OFFLOAD, host_budget="64MiB")
     train(model, hc, steps=1)
     normal = hc.stats.offloaded_bytes
-    hook = model.transformer.h[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    hook = model.transformer.h[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("block 1 failed")))
     from bench.gpt import make_batch
     idx, tgt = make_batch(TINY, 4)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="block 1 failed"):
         with hc:
             model(idx, tgt)
     hook.remove()

@@ -142,6 +142,7 @@ def test_our_context_inside_a_user_checkpoint(reentrant):
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["keep", "offload", "recompute"])
 def test_compiled_region(policy):
     """A block compiled with torch.compile (aot_eager: AOTAutograd without codegen) is a region

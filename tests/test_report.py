@@ -53,7 +53,18 @@ def test_report_matches_counters_and_overlap_falls_with_slow_copies(tmp_path):
            (s.kept_bytes, s.offloaded_bytes, s.d2h_bytes, s.h2d_bytes)
     assert r.offloaded_bytes > 0 and r.step == 3 and r.forwards == 1
     assert sum(seg["offloaded"] for seg in r.segments) == r.offloaded_bytes
-    assert 0.0 <= r.overlap_fraction <= 1.0
+    # The overlap is the share of copy-stream time under compute (stalls excluded) that the trace shows.
+    r.save_trace(str(tmp_path / "trace.json"))
+    spans = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e.get("ph") == "X"]
+
+    def busy(keep):
+        return union((e["ts"], e["ts"] + e["dur"]) for e in spans if keep(e))
+
+    copies = busy(lambda e: e["tid"] in (2, 3))
+    compute = subtract(busy(lambda e: e["tid"] == 1 and e["cat"] != "stall"),
+                       busy(lambda e: e["tid"] == 1 and e["cat"] == "stall"))
+    hidden = sum(b - a for a, b in intersect(copies, compute))
+    assert 0 < hidden and r.overlap_fraction == pytest.approx(hidden / sum(b - a for a, b in copies))
     assert r.step_s > 0 and r.forward_s > 0 and r.backward_s > 0
     json.loads(r.to_json())  # JSON-clean
     assert "overlap" in str(r)

@@ -50,6 +50,7 @@ def test_delayed_copies_stay_bitwise_and_pool_returns_to_zero(device, policy):
     assert getattr(hc.backend, "poisoned", 0) == 0
 
 
+@pytest.mark.slow
 def test_fifty_steps_leave_nothing_behind():
     cfg = TINY.__class__(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.1)
     model = tiny_gpt(cfg=cfg)
@@ -140,7 +141,9 @@ def test_exception_in_forward_propagates_and_next_step_works():
         gc.collect()
         settle(hc)
         assert hc.host_pool.in_use == 0
-        assert torch.autograd.graph.saved_tensors_hooks is not None
+        # No saved-tensor hooks are left on: a saved tensor takes hooks of its own only then.
+        y = torch.randn(4, requires_grad=True).exp()
+        y.grad_fn._raw_saved_result.register_hooks(lambda t: t, lambda t: t)
         assert_bitwise(ref, train(model, hc, steps=1))
 
 

@@ -11,11 +11,16 @@ GB = 1e9
 
 
 def test_presets():
-    assert set(PRESETS) == {"h100-pcie", "h200", "gh200", "a100-pcie"}
-    assert 50 * GB <= get_hardware("h100-pcie").bw_d2h <= 56 * GB
+    assert all(get_hardware(name).name == name for name in PRESETS)
+    # The links within what DESIGN §5 cites: PCIe Gen5 x16 measures 50-56 GB/s per direction (63 in
+    # theory), Gen4 half of that; NVLink-C2C on GH200 moves host-to-device ~2.4x faster.
+    for name in ("h100-pcie", "h200"):
+        hw = get_hardware(name)
+        assert 50 * GB <= hw.bw_d2h == hw.bw_h2d <= 56 * GB
+    a100 = get_hardware("a100-pcie")
+    assert 0 < a100.bw_d2h == a100.bw_h2d <= 63 * GB / 2
     gh = get_hardware("gh200")
     assert gh.bw_h2d == pytest.approx(2.4 * gh.bw_d2h)
-    assert get_hardware("a100-pcie").bw_h2d == 25 * GB
     with pytest.raises(ValueError, match="unknown hardware 'h300'"):
         get_hardware("h300")
     with pytest.raises(ValueError, match="bw_d2h"):
