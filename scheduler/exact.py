@@ -25,8 +25,8 @@ one of these bounds, each a lower bound on every completion of the branch, alrea
 
 A branch is also cut when its time bound cannot beat the best plan found by more than a relative
 1e-12 (float noise), so the result is optimal over this space to that precision; ties keep the
-first found (the incumbent, then KEEP before OFFLOAD). An
-`incumbent` plan (any plan of the profile, such as `scheduler.plan`'s) only speeds this up.
+first found (the incumbent, then KEEP before OFFLOAD). An `incumbent` plan (any plan of the
+profile, such as `scheduler.plan`'s) only speeds this up.
 """
 from __future__ import annotations
 
@@ -84,16 +84,11 @@ class _Search:
             self.min_res.append(min(least, rec))
             self.recompute_shed.append(max(0, saved[s] - rec))
             self.offload_shed.append(o)
-        # suffix sums over segments m >= i
-        def suffix(v):
-            out = [0] * (n + 1)
-            for i in range(n - 1, -1, -1):
-                out[i] = out[i + 1] + v[i]
-            return out
-        self.suf_saved = suffix(saved)
-        self.suf_r = suffix(self.recompute_shed)
-        self.suf_o = suffix(self.offload_shed)
-        self.suf_best = suffix([max(r, o) for r, o in zip(self.recompute_shed, self.offload_shed)])
+        best_shed = [max(r, o) for r, o in zip(self.recompute_shed, self.offload_shed)]
+        self.suf_saved = _suffix(saved)  # sums over segments >= i
+        self.suf_r = _suffix(self.recompute_shed)
+        self.suf_o = _suffix(self.offload_shed)
+        self.suf_best = _suffix(best_shed)
         # Bound 3. fp1[s][mode]: bytes s holds while segment s + 1's backward runs (its own
         # reloads issued, its replay not yet run); ahead[s]: for the segments m >= s + 2, the
         # most that sum(min_res[s+1:m-1]) + least fp1 of m - 1 + saved[m] + W[m] reaches.
@@ -116,18 +111,12 @@ class _Search:
         self.bw_h2d = sim.hardware.bw_h2d
         # For segment m's backward: prefix sums (over i < j) of saved bytes and of what
         # recompute, offload and the better of them shed from the resident share; what
-        # recompute sheds from the bytes m - 1 holds then; the sorted recompute items of the
+        # recompute sheds from the bytes m - 1 holds then; the recompute covers of the
         # segments strictly between s and m (bound 3 with costs).
-        def prefix(v):
-            out = [0]
-            for x in v:
-                out.append(out[-1] + x)
-            return out
-        self.pre_saved = prefix(saved)
-        self.pre_r = prefix(self.recompute_shed)
-        self.pre_o = prefix(self.offload_shed)
-        self.pre_best = prefix([max(r, o) for r, o in zip(self.recompute_shed,
-                                                           self.offload_shed)])
+        self.pre_saved = _prefix(saved)
+        self.pre_r = _prefix(self.recompute_shed)
+        self.pre_o = _prefix(self.offload_shed)
+        self.pre_best = _prefix(best_shed)
         self.fp1_shed = [max(0, saved[i] - inputs[i] - cross[i]) if RECOMPUTE in self.modes[i]
                          else 0 for i in range(n)]
         self.bwd_after = [sum(sim.backward_s[m + 1:]) for m in range(n)]
@@ -457,6 +446,22 @@ class _Search:
             self.best_step = tl.step_s
             self.cutoff = tl.step_s * (1 - REL_TOL)
             self.best = (codes, ids, d)
+
+
+def _suffix(values: list[int]) -> list[int]:
+    """out[i] = sum(values[i:]), for i in 0 .. len(values)."""
+    out = [0] * (len(values) + 1)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = out[i + 1] + values[i]
+    return out
+
+
+def _prefix(values: list[int]) -> list[int]:
+    """out[i] = sum(values[:i]), for i in 0 .. len(values)."""
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
 
 
 def cover_table(items: list[tuple[int, float]]) -> tuple[list[float], list[float]]:
