@@ -19,7 +19,8 @@ which holds for budgets: more moved, less memory; and roughly for step time):
 2. the free window: the most window offloads that add no step time, `k_free`, cut back to the
    fewest of them that reach the same peak (past that knee the copies end after the peak);
 3. on top of it, the fewest recomputes (with their inputs kept, then offloaded) that fit, then
-   the fewest window offloads that still fit with them;
+   the fewest window offloads that still fit with them; and the same on top of every offload,
+   recomputes by their own price alone (recompute the cheap, offload the dear: DESIGN.md §5);
 4. the fewest window offloads that fit, step time added or not (exposed transfers);
 5. `forward_greedy`: segment by segment, offload what may move while its copies can end within
    the forward, else keep while the rest can still fit, else recompute. When the link is slower
@@ -27,7 +28,15 @@ which holds for budgets: more moved, less memory; and roughly for step time):
    stream catch up while kept or recomputed segments run, and drains it before forward ends
    (on Llama-3-8B at 8k, 30% of keep-all: offload, keep, then alternate offload and recompute).
 
+6. the fastest of these rearranged, per group of identical segments (repeated layers): its
+   leading offloads (one fewer to two more), then the fewest recomputes that fit, then keeps
+   (`recompute_first`);
+7. that plan, if it stalls on reloads, with kept segments recomputed too so that the memory
+   they free lets the reloads be issued earlier (`trade_for_lookahead`).
+
 The fastest of these (then fewest bytes moved) is the result; the keep-all state if none fits.
+"Adds no step time" is judged at the largest lookahead, whatever its memory: the window is
+what the links can hide; the budget is met by the other moves.
 """
 from __future__ import annotations
 
@@ -106,8 +115,8 @@ def construct(search: Search, keep: State) -> State:
     fits = search.fits_some_lookahead
     base = search.eval(keep)[0].step_s
 
-    def free(st: State) -> bool:
-        tl = search.eval(st)[0]
+    def free(st: State) -> bool:  # no step time added, given the lookahead it wants
+        tl = search.unbounded(st)
         return tl.step_s <= base * (1 + REL_EPS) and tl.peak_host_bytes <= search.host_budget
 
     n_win = len(fam.window)
@@ -123,18 +132,113 @@ def construct(search: Search, keep: State) -> State:
     k_free = first_true(0, k_free, lambda k: search.eval(fam.state(k))[0].peak_device_bytes
                         <= least)  # after the peak and free nothing there
     for code in (RECOMPUTE, RECOMPUTE_OFFLOAD_INPUTS):  # 3
-        order = fam.recompute_order(code, k_free)
-        if not order or not fits(fam.state(k_free, order, code)):
-            continue
-        r = first_true(1, len(order), lambda r: fits(fam.state(k_free, order[:r], code)))
-        chosen = order[:r]
-        k = first_true(0, k_free, lambda k: fits(fam.state(k, chosen, code)))
-        found.append(fam.state(k, chosen, code))
+        for window in (k_free, n_win):
+            order = fam.recompute_order(code, k_free if window == k_free else 0)
+            if not order or not fits(fam.state(window, order, code)):
+                continue
+            r = first_true(1, len(order), lambda r: fits(fam.state(window, order[:r], code)))
+            chosen = order[:r]
+            k = first_true(0, window, lambda k: fits(fam.state(k, chosen, code)))
+            found.append(fam.state(k, chosen, code))
     found.append(forward_greedy(search))  # 5
     best = found[0]
     for st in found[1:]:
         if search.better(search.key(st), search.key(best)):
             best = st
+    best = recompute_first(search, best)  # 6
+    return trade_for_lookahead(search, best)  # 7
+
+
+def classes(search: Search) -> list[list[int]]:
+    """Groups of two or more identical segments (the repeated layers of a model): same times,
+    bytes, allowed actions and tensors (sizes, offloadability, saves relative to its start and
+    reuse relative to its index), in forward order."""
+    sim = search.sim
+    groups: dict[tuple, list[int]] = {}
+    for s in range(sim.n):
+        sig = (sim.forward_s[s], sim.backward_s[s], sim.input_bytes[s], sim.working[s],
+               search.actions[s],
+               tuple((x.nbytes, x.offloadable, x.last - s,
+                      round((x.save_t - sim.start[s]) / (sim.forward_s[s] or 1.0), 9))
+                     for x in sim.tensors[s]))
+        groups.setdefault(sig, []).append(s)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def recompute_first(search: Search, state: State) -> State:
+    """Family 6, per group of identical segments (repeated layers): the first `a` of them
+    offload all they may, then come the fewest recomputes that fit (inputs offloaded where
+    allowed, or kept), then keeps; `a` is the count `state` has, and up to two more or one
+    fewer. Recomputes placed early let their inputs' copies end within the forward, and the
+    bytes those free keep more layers. The best of these and `state`."""
+    best, best_key = state, search.key(state)
+    for group in classes(search):
+        base = list(best[0])
+        ids = best[1]
+        lead = 0
+        while lead < len(group) and base[group[lead]] == OFFLOAD:
+            lead += 1
+        acts = search.actions[group[0]]
+        for a in sorted({lead, lead + 1, lead + 2, max(0, lead - 1)}):
+            if a > len(group) or (a > lead and OFFLOAD not in acts):
+                continue
+            out_ids = set(ids) - {x.id for s in group for x in search.movable[s]}
+            out_ids |= {x.id for s in group[:a] for x in search.movable[s]}
+            members = group[a:]
+            for code in (RECOMPUTE_OFFLOAD_INPUTS, RECOMPUTE):
+                if code not in acts:
+                    continue
+
+                def first(r: int, a: int = a, code: int = code, out_ids: set = out_ids,
+                          members: list[int] = members) -> State:
+                    codes = list(base)
+                    for s in group[:a]:
+                        codes[s] = OFFLOAD
+                    for i, s in enumerate(members):
+                        codes[s] = code if i < r else KEEP
+                    return tuple(codes), frozenset(out_ids)
+                if not search.fits_some_lookahead(first(len(members))):
+                    continue
+                r = first_true(0, len(members), lambda r: search.fits_some_lookahead(first(r)))
+                cand = first(r)
+                k = search.key(cand)
+                if search.better(k, best_key):
+                    best, best_key = cand, k
+    return best
+
+
+def trade_for_lookahead(search: Search, state: State) -> State:
+    """Family 7: a plan that fits but stalls on reloads (its lookahead held down by the
+    budget) with its first j kept segments recomputed too (cheapest seconds per byte first,
+    inputs offloaded where allowed), for j = 1, 2, 4, ... while that pays: the memory they
+    free lets reloads be issued earlier. The fastest of these, or `state`."""
+    tl = search.eval(state)[0]
+    if tl.exposed_s <= 0 or not search.fits(state):
+        return state
+    sim = search.sim
+    ranked = []
+    for s, c in enumerate(state[0]):
+        if c != KEEP:
+            continue
+        code = next((c for c in (RECOMPUTE_OFFLOAD_INPUTS, RECOMPUTE)
+                     if c in search.actions[s]), None)
+        if code is not None:
+            kept = sim.cross[s] + (sim.input_bytes[s] if code == RECOMPUTE else 0)
+            if sim.saved[s] > kept:
+                ranked.append((sim.forward_s[s] / (sim.saved[s] - kept), -s, code))
+    ranked.sort()
+    best, best_key = state, search.key(state)
+    j = 1
+    while j <= len(ranked):
+        codes = list(state[0])
+        for _, neg_s, code in ranked[:j]:
+            codes[-neg_s] = code
+        cand = (tuple(codes), state[1])
+        k = search.key(cand)
+        if not search.better(k, best_key):
+            break
+        best, best_key = cand, k
+        j *= 2
     return best
 
 
@@ -143,9 +247,10 @@ def forward_greedy(search: Search) -> State:
     does (rules 1 and 2). A segment takes the first of: OFFLOAD (all it may) if its copies end
     before the forward does; KEEP; RECOMPUTE with offloaded inputs; RECOMPUTE; OFFLOAD anyway,
     that keeps the device bytes of its forward under the budget, the host bytes under theirs,
-    and passes the end-of-forward bound of `exact` (what is still to be saved, less what
-    recomputing or offloading it could drop, must fit). When none does, it and the rest take
-    their least-memory action; the plan is judged on the simulator like any other."""
+    passes the end-of-forward bound of `exact` (what is still to be saved, less what
+    recomputing or offloading it could drop, must fit), and lets the copies in flight end
+    before the rest, at its least allocations, goes over the budget. When none does, it and the
+    rest take their least-memory action; the plan is judged on the simulator like any other."""
     sim = search.sim
     n, budget, T, bw = sim.n, search.device_budget, sim.forward_end, sim.hardware.bw_d2h
     drop_r, drop_o = [], []
@@ -162,6 +267,29 @@ def forward_greedy(search: Search) -> State:
         a, b, c, d = suf[s + 1]
         suf[s] = (a + sim.saved[s], b + drop_r[s], c + drop_o[s], d + max(drop_r[s], drop_o[s]))
     end_budget = budget - sim.working[n - 1]
+    least = []  # the allocations of each segment under its least-allocating action
+    for s in range(n):
+        if RECOMPUTE in search.actions[s]:
+            ev = [(x.save_t, x.nbytes) for x in sim.tensors[s] if x.last > s]
+            least.append(([(sim.start[s], sim.input_bytes[s])] if sim.input_bytes[s] else []) + ev)
+        else:
+            least.append([(x.save_t, x.nbytes) for x in sim.tensors[s]])
+
+    def drains(s: int, m: int, k: int, frees: list[tuple[float, int]]) -> bool:
+        """Whether the copies in flight after segment s end before the device, with every later
+        segment at its least allocation, goes over the budget."""
+        for j in range(s + 1, n):
+            if k >= len(frees):
+                return True
+            for t, b in least[j]:
+                while k < len(frees) and frees[k][0] <= t:
+                    m += frees[k][1]
+                    k += 1
+                m += b
+                if m > budget:
+                    return False
+        return True
+
     codes: list[int] = []
     ids: list[int] = []
     frees: list[tuple[float, int]] = []
@@ -199,7 +327,8 @@ def forward_greedy(search: Search) -> State:
             shed = min(best_rest, r_rest + min(o_rest, idle * bw if idle > 0 else 0.0))
             useful = i > 0 or c != OFFLOAD or free <= T  # its copies end within the forward
             fits_end = at_end + saved_rest - shed <= end_budget
-            if useful and ok and fits_end and h <= search.host_budget:
+            if (useful and ok and fits_end and h <= search.host_budget
+                    and drains(s, m, k, frees)):
                 break
             del frees[n_frees:]
         else:  # nothing passes: from here on, the least memory

@@ -28,7 +28,10 @@ _NONE: frozenset[int] = frozenset()
 REL_EPS = 1e-9  # relative step-time change below which two plans count as equally fast
 PAIR_LIMIT = 12  # refine also tries pairs of segment changes on profiles this small
 COMPOUND_TRIES = 4  # segment changes refine follows with a re-cover and relax, per round
+COMPOUND_DROPS = 2  # largest offloaded tensors refine keeps instead, then re-covers, per round
 MAX_WORK = 60_000  # simulated events (segments + tensors per state) one plan may spend
+SMALL_WORK = 240_000  # the same for small profiles (at most SMALL events per state)
+SMALL = 100
 
 
 def allowed_actions(sim: Simulator, device_budget: int,
@@ -87,27 +90,34 @@ def allowed_actions(sim: Simulator, device_budget: int,
 class Search:
     """All state of one `plan` call: budgets, rule 1's tail, the moves, a cache of evaluations.
 
-    `work` counts the events simulated so far (each run costs its segments plus its copies);
-    past `max_work` the refining phases stop and keep the best plan found.
+    `work` counts the events simulated so far (a state costs its segments plus its tensors);
+    the phases start a scan only when it fits in what is left of `max_work` (`MAX_WORK`, or
+    `SMALL_WORK` for profiles of at most `SMALL` segments and tensors, whose simulations take
+    microseconds), and otherwise keep the best plan found.
     """
 
     def __init__(self, sim: Simulator, device_budget: int, host_budget: int | None,
-                 resident: frozenset[int], max_work: int = MAX_WORK) -> None:
+                 resident: frozenset[int], max_work: int | None = None) -> None:
         self.sim = sim
         self.device_budget = device_budget
         self.host_budget = math.inf if host_budget is None else host_budget
         self.base_step = sum(sim.forward_s) + sum(sim.backward_s)
-        self.max_work = max_work
         self.work = 0
         self.eval_cost = sim.n + len(sim.by_id)  # events of one simulation, about
+        if max_work is None:
+            max_work = SMALL_WORK if self.eval_cost <= SMALL else MAX_WORK
+        self.max_work = max_work
         self._cache: dict[State, tuple[Timeline, int]] = {}
         self._fit_cache: dict[State, bool] = {}
+        self._loose_cache: dict[State, Timeline] = {}
         self.set_resident(resident)
 
     def set_resident(self, resident: frozenset[int]) -> None:
-        """Fix the resident tail (rule 1) and the actions each segment may take (rule 4)."""
+        """Fix the resident tail (rule 1) and the actions each segment may take (rule 4); the
+        work budget starts afresh (the search that follows is a new one)."""
         sim = self.sim
         self.resident = resident
+        self.work = 0
         self.actions = allowed_actions(sim, self.device_budget, resident)
         self.movable = tuple(tuple(x for x in sim.tensors[s] if x.offloadable)
                              if OFFLOAD in self.actions[s] else () for s in range(sim.n))
@@ -175,6 +185,18 @@ class Search:
             tl = self.sim.run(state[0], state[1], 1)
             fit = self._fit_cache[state] = self.overrun(tl) == 0
         return fit
+
+    def unbounded(self, state: State) -> Timeline:
+        """The step of `state` at the largest lookahead, its peak whatever it is (cached)."""
+        hit = self._cache.get(state)
+        if hit is not None and hit[1] == max(1, self.sim.n - 1):
+            return hit[0]
+        tl = self._loose_cache.get(state)
+        if tl is None:
+            self.work += self.eval_cost
+            tl = self._loose_cache[state] = self.sim.run(state[0], state[1],
+                                                         max(1, self.sim.n - 1))
+        return tl
 
     def replay_bound(self, codes: tuple[int, ...]) -> float:
         """A lower bound on the step of `codes`: forward, backward and the replays (seconds)."""
@@ -391,8 +413,9 @@ class Search:
 
     def compound(self, state: State) -> State | None:
         """The `COMPOUND_TRIES` most promising segment changes that do not pay alone (least
-        replay time, then budget overrun, then step), each followed by steps 4 and 5: the best
-        result that improves on `state`, or None."""
+        replay time, then budget overrun, then step) and the `COMPOUND_DROPS` largest offloaded
+        tensors kept instead, each followed by steps 4 and 5 (a large copy traded for smaller
+        ones and recomputes): the best result that improves on `state`, or None."""
         best, best_key = None, self.key(state)
         ranked = []
         listed = self.listed(self.segment_moves(state))
@@ -405,7 +428,10 @@ class Search:
                 continue
             ranked.append(((self.replay_bound(cand[0]), k[0], k[1]), cand))
         ranked.sort(key=lambda r: r[0])
-        for _, cand in ranked[:COMPOUND_TRIES]:
+        tries = [cand for _, cand in ranked[:COMPOUND_TRIES]]
+        largest = sorted(state[1], key=lambda i: -self.sim.by_id[i].nbytes)[:COMPOUND_DROPS]
+        tries += [self.apply(state, ((), _NONE, frozenset((i,)))) for i in largest]
+        for cand in tries:
             if self.spent:
                 break
             cand = self.relax(self.cover_deficit(cand, greedy=False))  # steps 4 and 5
@@ -415,14 +441,20 @@ class Search:
         return best
 
     def pairs(self, state: State) -> State | None:
-        """The best pair of segment changes that improves on `state`, or None."""
+        """The best pair of changes that improves on `state`, or None: pairs of segment
+        changes, and while `state` is over budget, of any changes (a segment and a tensor:
+        recompute one segment and offload a tensor elsewhere)."""
+        moves = self.all_moves if self.key(state)[0] > 0 else self.segment_moves
+        firsts = self.listed(moves(state))
+        if firsts is None or not self.affordable(len(firsts) ** 2 // 2):
+            return None
         ranked = []
-        for m1 in self.segment_moves(state):
+        for i, m1 in enumerate(firsts):
             first = self.apply(state, m1)
-            for m2 in self.segment_moves(first):
-                if self.spent or m2[0][0][0] <= m1[0][0][0]:
-                    continue
+            for m2 in firsts[i + 1:]:
                 cand = self.apply(first, m2)
+                if cand in (first, state) or self.spent:
+                    continue
                 sc = self.improves(state, cand)
                 if sc is not None:
                     ranked.append((sc, cand))

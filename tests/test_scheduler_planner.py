@@ -339,3 +339,24 @@ def test_planner_against_the_exact_reference(families):
         if o.greedy_fits and simulate(case.profile, rec).fits(case.device_budget,
                                                               case.host_budget):
             assert o.greedy.predicted_step_s <= rec.predicted_step_s * (1 + 1e-9)
+
+
+def test_a_thousand_tensors_are_planned_in_a_few_dozen_simulations():
+    # Llama-3-70B at 8k: 82 segments, 1044 tensors. The families of `construct` find a plan at
+    # keep-all's step time at 15% of keep-all's bytes; the local search's scans do not fit in
+    # the work budget, so the whole plan costs a few dozen simulations (tens of ms: whatif).
+    from scheduler.hardware import get_hardware
+    from scheduler.planner import resident_tail, solve
+    from scheduler.search import MAX_WORK, Search
+    from scheduler.synth import transformer_profile
+    p = transformer_profile("llama3-70b", get_hardware("h100-pcie"), seq=8192)
+    keep = plan_uniform(p, K)
+    budget = int(keep.predicted_peak_bytes * 0.15)
+    sim = Simulator(p)
+    search = Search(sim, budget, None, resident_tail(sim, 1))
+    (codes, ids), notes = solve(search)
+    tl, _ = search.eval((codes, ids))
+    assert notes == () and tl.peak_device_bytes <= budget
+    assert tl.step_s == pytest.approx(keep.predicted_step_s)
+    assert search.work <= MAX_WORK
+    assert len(search._cache) + len(search._fit_cache) <= 40
