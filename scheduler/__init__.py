@@ -9,7 +9,7 @@ import logging
 from .exact import plan_exact
 from .hardware import PRESETS, Hardware, get_hardware
 from .plan import Action, Plan, SegmentPlan
-from .planner import plan, plan_uniform
+from .planner import backward_reserve, plan, plan_uniform
 from .prefetch import issue_order, lookahead
 from .profile import Profile, SegmentRecord, TensorRecord
 from .simulate import Interval, Timeline, simulate
@@ -20,7 +20,7 @@ __all__ = [
     # hardware figures
     "Hardware", "PRESETS", "get_hardware",
     # planning
-    "plan", "plan_exact", "plan_uniform", "lookahead", "issue_order",
+    "plan", "plan_exact", "plan_uniform", "backward_reserve", "lookahead", "issue_order",
     # prediction
     "simulate", "Timeline", "Interval",
 ]

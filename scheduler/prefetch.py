@@ -1,11 +1,11 @@
 """When reloads are issued in backward: the lookahead `d` and the issue order.
 
-The formula (DESIGN.md §5). For a segment s whose bytes come back from the host, let R_s be the
-seconds of its reloads (`costmodel.h2d_seconds` summed over them) and B the backward seconds of
-the segment whose backward runs just before s needs them (segment need + 1, its replay included
-when it is recomputed). Then
+The formula (DESIGN.md §5). For each segment m that needs reloaded bytes in backward, let R_m be
+the seconds of the reloads it is the latest user of (`costmodel.h2d_seconds` summed over them)
+and B the backward seconds of segment m + 1, whose backward runs just before (its replay
+included when it is recomputed). Then
 
-    d_s = ceil(R_s / B) + 1        d = max(1, max over s of d_s), at most n - 1
+    d_m = ceil(R_m / B) + 1        d = max(1, max over m of d_m), at most n - 1
 
 The ceiling is the number of segments whose backward it takes to hide the copy; the +1 is slack
 for the reloads queued ahead of it on the same H2D stream. A larger d never adds stall time but
@@ -19,14 +19,15 @@ import math
 from .hardware import Hardware
 from .plan import Plan
 from .profile import Profile
-from .simulate import RECOMPUTE, Simulator, issue_schedule
+from .simulate import (OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD_INPUTS, Simulator, Timeline,
+                       issue_schedule)
 
 
 def formula_lookahead(sim: Simulator, codes: tuple[int, ...], offload_ids: frozenset[int]) -> int:
     """d from the formula of the module docstring, before the headroom cap."""
     n = sim.n
     d = 1
-    for need, reload_s in sim.reloads(codes, offload_ids).values():
+    for need, reload_s in sim.reloads(codes, offload_ids).items():
         before = need + 1
         if before >= n:  # needed by the first backward segment: no compute to hide behind
             continue
@@ -51,9 +52,11 @@ def max_fitting_lookahead(sim: Simulator, codes: tuple[int, ...], offload_ids: f
     """The largest lookahead in [lo, hi] (hi defaults to n - 1) whose simulated peak fits
     `device_budget`; `lo` when none above it does (the caller knows whether `lo` fits).
 
-    The peak does not decrease as d grows (reloads are only issued earlier), so a binary
-    search finds it; stall time does not increase with d, so this d has the least stall among
-    those that fit.
+    The peak does not decrease as d grows: the H2D stream's order does not depend on d
+    (`simulate`, rule 3), so every reload is only allocated earlier in the order of events, and
+    a faster backward only moves D2H frees later in it; a binary search finds the largest d
+    that fits. Stall time does not increase with d (every reload is issued no later, on a
+    stream of fixed order), so this d has the least stall among those that fit.
     """
     hi = max(lo, sim.n - 1) if hi is None else hi
     if sim.run(codes, offload_ids, hi).peak_device_bytes <= device_budget:
@@ -85,15 +88,70 @@ def issue_order(profile: Profile, plan: Plan,
                 lookahead: int | None = None) -> tuple[tuple[int, ...], ...]:
     """For each segment j, the segments whose reloads are issued when backward reaches j.
 
-    A segment's reloads are issued `lookahead` (default `plan.lookahead`) segments before the
-    latest segment that needs them, or at the start of backward when that is past the end;
-    those issued together come in reverse pack order (highest segment first), and inside one
-    segment its tensors go in reverse id order. Index j of the result is segment j.
+    Each reload is issued `lookahead` (default `plan.lookahead`) segments before the latest
+    segment that needs it, or at the start of backward when that is past the end; a segment
+    whose tensors have different needs (saved again later) appears at each of their points.
+    At one point segments come highest first, and inside one segment its tensors go in reverse
+    id order (`simulate`, rule 3). Index j of the result is segment j.
     """
     sim = Simulator(profile)
     codes = sim.codes(plan)
     d = plan.lookahead if lookahead is None else lookahead
     if d < 1:
         raise ValueError(f"issue_order: lookahead must be >= 1, got {d}")
-    needs = {s: need for s, (need, _) in sim.reloads(codes, plan.offload_ids).items()}
+    needs: dict[int, set[int]] = {}
+    for s, c in enumerate(codes):
+        if c == RECOMPUTE_OFFLOAD_INPUTS and sim.input_bytes[s]:
+            needs.setdefault(s, set()).add(s)
+        elif c == OFFLOAD:
+            for x in sim.tensors[s]:
+                if x.id in plan.offload_ids:
+                    needs.setdefault(s, set()).add(x.last)
     return issue_schedule(needs, sim.n, d)
+
+
+_REL_EPS = 1e-9  # relative step-time change below which two lookaheads tie
+
+
+def fastest_lookahead(sim: Simulator, codes: tuple[int, ...], ids: frozenset[int],
+                      device_budget: int) -> tuple[Timeline, int]:
+    """The fastest simulated step of `codes` and `ids` over every lookahead whose peak fits
+    `device_budget`, and that d (the largest that fits); d = 1 and its step when none fits
+    (the least peak). One simulation when d = n - 1 fits, a binary search otherwise
+    (`max_fitting_lookahead` says why that is exact)."""
+    n = sim.n
+    fw = sim.forward(codes, ids)
+    if n < 2 or not fw.copies:
+        return sim.backward(fw, codes, 1), 1
+    hi = n - 1
+    tl = sim.backward(fw, codes, hi)
+    if tl.peak_device_bytes <= device_budget:
+        return tl, hi
+    lo, best = 1, sim.backward(fw, codes, 1)
+    if best.peak_device_bytes > device_budget:
+        return best, 1
+    while hi - lo > 1:  # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        tl = sim.backward(fw, codes, mid)
+        if tl.peak_device_bytes <= device_budget:
+            lo, best = mid, tl
+        else:
+            hi = mid
+    return best, lo
+
+
+def best_lookahead(sim: Simulator, codes: tuple[int, ...], ids: frozenset[int],
+                   device_budget: int) -> tuple[Timeline, int]:
+    """The lookahead a plan gets (planner rule 3) and its simulated step: the formula's d,
+    capped by the headroom, when its step ties the fastest that fits; otherwise the fastest
+    (`fastest_lookahead`). Either way the step is the least over every d that fits."""
+    fast, d_fast = fastest_lookahead(sim, codes, ids, device_budget)
+    if not sim.reloads(codes, ids):
+        return fast, d_fast
+    d = min(formula_lookahead(sim, codes, ids), d_fast)
+    if d == d_fast:
+        return fast, d
+    tl = sim.run(codes, ids, d)
+    if tl.step_s <= fast.step_s * (1 + _REL_EPS):
+        return tl, d
+    return fast, d_fast

@@ -7,6 +7,17 @@ Only region segments can be recomputed; every segment's tensors can be kept or o
 
 Every distinct storage that autograd saved during the step is one `TensorRecord`, attributed to
 the segment in which it was first saved. Units: bytes, seconds, bytes per second.
+
+Fields added after the first runtime (all with defaults, so older callers keep working):
+
+- `TensorRecord.save_offset_s`: seconds from the start of its segment's forward to its first
+  save. None (not measured): the simulator spreads a segment's saves evenly over its forward,
+  in id order (the k-th of m at k/m of the forward, k = 1..m).
+- `SegmentRecord.backward_working_set_bytes`: the device bytes the segment's backward allocates
+  on top of the saved activations while it runs (gradient buffers of its activations, kernel
+  temporaries; the LM head's fp32 logits gradient), at their peak, in bytes; freed when that
+  backward ends. 0 (not measured) means none is modelled: the caller then has to keep a reserve
+  under the budget itself (`scheduler.backward_reserve`).
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ class TensorRecord:
     nbytes: int
     offloadable: bool  # passed the runtime's filters (not a parameter, on device, large enough)
     last_segment: int = -1  # segment of its last save; -1 means the same as `segment`
+    save_offset_s: float | None = None  # seconds into its segment's forward; None: spread evenly
 
     @property
     def last(self) -> int:
@@ -43,6 +55,9 @@ class SegmentRecord:
     backward_s: float  # backward compute time of this segment (recompute excluded)
     recomputable: bool  # True for region calls, False for the stretches between them
     input_bytes: int = 0  # bytes a recompute must hold to replay it (its tensor inputs)
+    # Peak device bytes its backward allocates beyond the saved activations (gradients,
+    # temporaries), held while that backward runs; 0 = not measured (module docstring).
+    backward_working_set_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,3 +79,8 @@ class Profile:
     @property
     def total_saved_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def has_working_sets(self) -> bool:
+        """True when some segment carries a measured backward working set (bytes > 0)."""
+        return any(s.backward_working_set_bytes > 0 for s in self.segments)

@@ -2,32 +2,41 @@
 
 The model the runtime implements, in the order the simulator applies it (units: seconds, bytes):
 
-- Rule 1 (forward). Segments run back to back on the compute stream. All the device bytes a
-  segment saves are allocated when its forward starts: KEEP and OFFLOAD segments allocate
-  everything they save; a RECOMPUTE segment allocates only its inputs (`input_bytes`) and the
-  tensors a later segment saves again (`last > segment`, which a replay would bring back too late,
-  so they are kept).
-- Rule 2 (D2H). After a segment's forward, its offloaded tensors (ids in `Plan.offload_ids`, in
-  pack order) and, for RECOMPUTE with `offload_inputs`, its inputs are queued on the one D2H
-  stream; a copy of x bytes takes `costmodel.d2h_seconds(x)`. Device bytes are freed when the
-  copy ends (in flight they still count); the host block is taken when the copy is queued.
-  The forward never waits for a copy.
-- Rule 3 (H2D). A segment's reloads are issued when backward reaches segment
-  `min(n - 1, need + lookahead)`, `need` being the latest segment that uses them; reloads issued
-  together go in reverse pack order on the one H2D stream. A reload takes
+- Rule 1 (forward). Segments run back to back on the compute stream; segment s runs from t_s
+  to e_s = t_s + F_s. Its tensors are saved in id order at their save times (t_s plus
+  `TensorRecord.save_offset_s`, or, unmeasured, the k-th of m at t_s + F_s * k / m) and each
+  allocates its device bytes then. A RECOMPUTE segment allocates its inputs (`input_bytes`) at
+  t_s, and of its own tensors only those a later segment saves again (`last > segment`, which a
+  replay would bring back too late, so they are kept); the others are dropped.
+- Rule 2 (D2H). An offloaded tensor (id in `Plan.offload_ids`, in an OFFLOAD segment) is queued
+  on the one D2H stream at its save time, the inputs of a RECOMPUTE segment with
+  `offload_inputs` at t_s; FIFO, a copy of x bytes takes `costmodel.d2h_seconds(x)`. The host
+  block is taken at the save. The device bytes are freed when the copy ends, but not before
+  e_s: the forward may use the tensor until its segment ends. The forward never waits.
+- Rule 3 (H2D). Each reload is issued when backward reaches segment min(n - 1, need + d), d the
+  lookahead and `need` its own latest user: `TensorRecord.last` for a tensor, s for the inputs
+  of s. At one issue point reloads go latest need first, then reverse pack order, on the one
+  H2D stream (so the stream's order does not depend on d). A reload takes
   `costmodel.h2d_seconds(x)`, cannot start before its D2H copy ended, and allocates its device
   bytes when issued.
-- Rule 4 (stalls). A segment's backward waits for the reloads it needs; the wait is exposed time.
+- Rule 4 (stalls). A segment's backward (or its replay) waits for the reloads it needs; the
+  wait is exposed time.
 - Rule 5 (recompute). A RECOMPUTE segment replays its forward (`forward_s`) right before its
   backward, allocating the bytes it re-materialises when the replay starts.
-- Rule 6 (frees). When a segment's backward ends, everything it held on the device (kept,
-  reloaded, re-materialised, inputs) and its host blocks are freed.
-- Rule 7 (ties). At equal times frees are applied before allocations.
+- Rule 6 (working set). A segment's backward allocates `backward_working_set_bytes` when it
+  starts (after any replay) and frees them when it ends.
+- Rule 7 (frees). When a segment's backward ends, every tensor first saved in it (kept,
+  reloaded, or re-materialised), its inputs if recomputed and its working set are freed, and
+  its host blocks go back.
+- Rule 8 (ties). At equal times frees are applied before allocations.
 
-Parameters are not counted; the device bytes are saved activations only.
+Parameters are not counted; the device bytes are saved activations and backward working sets.
+Every host block is taken in forward and given back in backward, so the host peak is the sum of
+the offloaded bytes.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -67,6 +76,7 @@ class Timeline:
     offloaded_bytes: int  # bytes copied to the host (and back) in the step
     memory: tuple[tuple[float, int], ...]
     intervals: tuple[Interval, ...]
+    peak_time_s: float = 0.0  # when the device peak is first reached, seconds into the step
 
     def stream(self, name: str) -> tuple[Interval, ...]:
         """The intervals of one stream, in time order."""
@@ -78,12 +88,15 @@ class Timeline:
             host_budget is None or self.peak_host_bytes <= host_budget)
 
 
-@dataclass(frozen=True)
-class _Tensor:
+class _Tensor(NamedTuple):
+    """A compiled `TensorRecord`: its absolute save time and copy seconds."""
+
     id: int
+    segment: int
     nbytes: int
     offloadable: bool
     last: int
+    save_t: float  # absolute save time in the step, seconds
     d2h_s: float
     h2d_s: float
     label: str
@@ -105,29 +118,64 @@ class Simulator:
         for i, seg in enumerate(segs):
             if seg.index != i:
                 raise ValueError(f"Profile.segments[{i}].index is {seg.index}; expected {i}")
+            if seg.backward_working_set_bytes < 0:
+                raise ValueError(f"SegmentRecord {i}: backward_working_set_bytes must be >= 0 "
+                                 f"bytes, got {seg.backward_working_set_bytes}")
         self.forward_s = tuple(s.forward_s for s in segs)
         self.backward_s = tuple(s.backward_s for s in segs)
         self.recomputable = tuple(s.recomputable for s in segs)
         self.input_bytes = tuple(s.input_bytes for s in segs)
+        self.working = tuple(s.backward_working_set_bytes for s in segs)
         self.input_d2h_s = tuple(costmodel.d2h_seconds(s.input_bytes, hw) for s in segs)
         self.input_h2d_s = tuple(costmodel.h2d_seconds(s.input_bytes, hw) for s in segs)
-        per_seg: list[list[_Tensor]] = [[] for _ in range(n)]
-        for t in profile.tensors:
-            if not 0 <= t.segment < n or t.last < t.segment or t.last >= n:
-                raise ValueError(f"TensorRecord {t.id}: segment {t.segment}, last {t.last} "
+        starts, t = [], 0.0
+        for f in self.forward_s:
+            starts.append(t)
+            t += f
+        self.start = tuple(starts)
+        self.end = tuple(s + f for s, f in zip(starts, self.forward_s))
+        self.forward_end = t
+        per_seg: list[list] = [[] for _ in range(n)]
+        for t_ in profile.tensors:
+            if not 0 <= t_.segment < n or t_.last < t_.segment or t_.last >= n:
+                raise ValueError(f"TensorRecord {t_.id}: segment {t_.segment}, last {t_.last} "
                                  f"out of range for {n} segments")
-            per_seg[t.segment].append(_Tensor(t.id, t.nbytes, t.offloadable, t.last,
-                                              costmodel.d2h_seconds(t.nbytes, hw),
-                                              costmodel.h2d_seconds(t.nbytes, hw), f"t{t.id}"))
-        self.tensors = tuple(tuple(sorted(ts, key=lambda t: t.id)) for ts in per_seg)
-        self.segment_of = {t.id: t.segment for t in profile.tensors}
-        if len(self.segment_of) != len(profile.tensors):
+            per_seg[t_.segment].append(t_)
+        tensors = []
+        for s, recs in enumerate(per_seg):
+            recs.sort(key=lambda r: r.id)
+            m = len(recs)
+            out = []
+            for k, r in enumerate(recs, 1):
+                off = self.forward_s[s] * k / m if r.save_offset_s is None else r.save_offset_s
+                out.append(_Tensor(r.id, s, r.nbytes, r.offloadable, r.last,
+                                   self.start[s] + min(max(0.0, off), self.forward_s[s]),
+                                   costmodel.d2h_seconds(r.nbytes, hw),
+                                   costmodel.h2d_seconds(r.nbytes, hw), f"t{r.id}"))
+            out.sort(key=lambda x: (x.save_t, x.id))
+            tensors.append(tuple(out))
+        self.tensors = tuple(tensors)
+        self.by_id = {x.id: x for ts in self.tensors for x in ts}
+        if len(self.by_id) != len(profile.tensors):
             raise ValueError("Profile.tensors: tensor ids must be unique (one record per storage)")
-        self.offloadable_ids = frozenset(t.id for t in profile.tensors if t.offloadable)
-        self.saved = tuple(sum(t.nbytes for t in ts) for ts in self.tensors)
+        self.segment_of = {i: x.segment for i, x in self.by_id.items()}
+        self.offloadable_ids = frozenset(i for i, x in self.by_id.items() if x.offloadable)
+        self.saved = tuple(sum(x.nbytes for x in ts) for ts in self.tensors)
         # Bytes a later segment saves again: kept even when the segment is recomputed (rule 1).
-        self.cross = tuple(sum(t.nbytes for t in ts if t.last > i)
+        self.cross = tuple(sum(x.nbytes for x in ts if x.last > i)
                            for i, ts in enumerate(self.tensors))
+        self._rows = tuple(tuple((x.save_t, x.nbytes, x.id, x.d2h_s, x.h2d_s, x.last, x.label)
+                                 for x in ts) for ts in self.tensors)
+        self._keep_events = tuple(tuple((x.save_t, x.nbytes) for x in ts) for ts in self.tensors)
+        self._cross_events = tuple(tuple((x.save_t, x.nbytes) for x in ts if x.last > i)
+                                   for i, ts in enumerate(self.tensors))
+        # Pack position of a segment's inputs: after every earlier tensor, before its own.
+        keys, nxt = [0.0] * n, float(max(self.by_id, default=0) + 1)
+        for s in range(n - 1, -1, -1):
+            if self.tensors[s]:
+                nxt = min(x.id for x in self.tensors[s])
+            keys[s] = nxt - 0.5
+        self._input_key = tuple(keys)
 
     # -- conversions ---------------------------------------------------------------------
 
@@ -157,34 +205,18 @@ class Simulator:
             raise ValueError(f"Plan.lookahead must be >= 1, got {plan.lookahead}")
         return tuple(out)
 
-    def reloads(self, codes: Sequence[int],
-                offload_ids: frozenset[int] | set[int]) -> dict[int, tuple[int, float]]:
-        """Segments that reload bytes in backward: segment -> (need, seconds of its H2D copies).
-
-        `need` is the latest segment whose backward uses them (rule 3).
-        """
-        out: dict[int, tuple[int, float]] = {}
+    def reloads(self, codes: Sequence[int], offload_ids: frozenset[int] | set[int]
+                ) -> dict[int, float]:
+        """Reloads by the segment that needs them first in backward: need -> H2D seconds."""
+        out: dict[int, float] = {}
         for s, c in enumerate(codes):
             if c == RECOMPUTE_OFFLOAD_INPUTS and self.input_bytes[s]:
-                out[s] = (s, self.input_h2d_s[s])
+                out[s] = out.get(s, 0.0) + self.input_h2d_s[s]
             elif c == OFFLOAD:
-                moved = [x for x in self.tensors[s] if x.id in offload_ids]
-                if moved:
-                    out[s] = (max(x.last for x in moved), sum(x.h2d_s for x in moved))
+                for x in self.tensors[s]:
+                    if x.id in offload_ids:
+                        out[x.last] = out.get(x.last, 0.0) + x.h2d_s
         return out
-
-    def footprint(self, s: int, c: int) -> tuple[int, int, int]:
-        """Device bytes segment s holds under action code c, OFFLOAD moving all it may:
-        (from its forward to its backward once its copies are done, while the backward of
-        segment s + 1 runs with its reloads issued, during its own backward)."""
-        saved, inputs, cross = self.saved[s], self.input_bytes[s], self.cross[s]
-        if c == KEEP:
-            return saved, saved, saved
-        if c == OFFLOAD:
-            return saved - sum(x.nbytes for x in self.tensors[s] if x.offloadable), saved, saved
-        if c == RECOMPUTE:
-            return inputs + cross, inputs + cross, saved + inputs
-        return cross, inputs + cross, saved + inputs
 
     def timeline(self, plan: Plan) -> Timeline:
         """The simulated step of `plan`."""
@@ -194,130 +226,215 @@ class Simulator:
 
     def run(self, codes: Sequence[int], offload_ids: frozenset[int] | set[int],
             lookahead: int, *, record: bool = False) -> Timeline:
-        """Simulate one step (rules 1-7 of the module docstring); inputs are trusted.
+        """Simulate one step (rules 1-8 of the module docstring); inputs are trusted.
 
         The planner calls this thousands of times, so the curve and the stream intervals are
         only built with `record=True`; without it `Timeline.memory` and `.intervals` are empty.
         """
-        n = self.n
-        fwd, bwd, saved = self.forward_s, self.backward_s, self.saved
+        return self.backward(self.forward(codes, offload_ids, record), codes, lookahead)
+
+    def forward(self, codes: Sequence[int], offload_ids: frozenset[int] | set[int],
+                record: bool = False) -> Forward:
+        """The forward of a step (rules 1 and 2, the memory curve up to its end): what does
+        not depend on the lookahead, so that `backward` can try several on it."""
+        starts, ends, inputs = self.start, self.end, self.input_bytes
+        rows, keep_rows, cross_rows = self._rows, self._keep_events, self._cross_events
         intervals: list[Interval] = []
-        comp: list[tuple[float, int]] = []  # compute-driven memory events, in time order
-        d2h_frees: list[tuple[float, int]] = []  # D2H completions, in time order (FIFO)
-        groups: list[list[tuple[str, int, int, float, float]]] = [[] for _ in range(n)]
-        needs: dict[int, int] = {}
-        host = 0
-        t = d2h_free = d2h_busy = 0.0
-
-        for s in range(n):  # forward
-            c = codes[s]
-            comp.append((t, self.input_bytes[s] + self.cross[s] if c >= RECOMPUTE else saved[s]))
-            end = t + fwd[s]
+        curve: list[tuple[float, int]] = []
+        frees: list[tuple[float, int]] = []  # D2H frees, in time order
+        copies: list[tuple] = []  # (need, pack key, bytes, D2H end, H2D seconds, label)
+        host = mem = peak = fk = 0
+        peak_t = d2h_free = d2h_busy = 0.0
+        for s, c in enumerate(codes):  # rules 1 and 2; memory merged as it goes (rule 8)
             if record:
-                intervals.append(Interval(COMPUTE, f"fwd {s}", t, end))
-            t = end
-            if c == RECOMPUTE_OFFLOAD_INPUTS and self.input_bytes[s]:
-                copies = [(f"in {s}", self.input_bytes[s], s,
-                           self.input_d2h_s[s], self.input_h2d_s[s])]
-            elif c == OFFLOAD:
-                copies = [x for x in self.tensors[s] if x.id in offload_ids]
-                copies = [(x.label, x.nbytes, x.last, x.d2h_s, x.h2d_s) for x in copies]
-            else:
+                intervals.append(Interval(COMPUTE, f"fwd {s}", starts[s], ends[s]))
+            if c == OFFLOAD:
+                es = ends[s]
+                for t, nbytes, tid, d2h_s, h2d_s, last, label in rows[s]:
+                    while fk < len(frees) and frees[fk][0] <= t:
+                        mem += frees[fk][1]
+                        if record:
+                            curve.append((frees[fk][0], mem))
+                        fk += 1
+                    mem += nbytes
+                    if mem > peak:
+                        peak, peak_t = mem, t
+                    if record:
+                        curve.append((t, mem))
+                    if tid in offload_ids:
+                        st = d2h_free if d2h_free > t else t
+                        d2h_free = st + d2h_s
+                        d2h_busy += d2h_s
+                        if record:
+                            intervals.append(Interval(D2H, label, st, d2h_free))
+                        frees.append((d2h_free if d2h_free > es else es, -nbytes))
+                        host += nbytes
+                        copies.append((last, tid, nbytes, d2h_free, h2d_s, label))
                 continue
-            group = groups[s]
-            for label, nbytes, need, d2h_s, h2d_s in copies:  # rule 2
-                start = d2h_free if d2h_free > end else end
-                d2h_free = start + d2h_s
-                d2h_busy += d2h_s
+            events = keep_rows[s]
+            if c >= RECOMPUTE:
+                events = cross_rows[s]
+                ib = inputs[s]
+                if ib:
+                    ts = starts[s]
+                    events = ((ts, ib),) + events
+                    if c == RECOMPUTE_OFFLOAD_INPUTS:
+                        es = ends[s]
+                        st = d2h_free if d2h_free > ts else ts
+                        d2h_free = st + self.input_d2h_s[s]
+                        d2h_busy += self.input_d2h_s[s]
+                        if record:
+                            intervals.append(Interval(D2H, f"in {s}", st, d2h_free))
+                        frees.append((d2h_free if d2h_free > es else es, -ib))
+                        host += ib
+                        copies.append((s, self._input_key[s], ib, d2h_free,
+                                       self.input_h2d_s[s], f"in {s}"))
+            for t, nbytes in events:
+                while fk < len(frees) and frees[fk][0] <= t:
+                    mem += frees[fk][1]
+                    if record:
+                        curve.append((frees[fk][0], mem))
+                    fk += 1
+                mem += nbytes
+                if mem > peak:
+                    peak, peak_t = mem, t
                 if record:
-                    intervals.append(Interval(D2H, label, start, d2h_free))
-                d2h_frees.append((d2h_free, -nbytes))
-                host += nbytes
-                group.append((label, nbytes, need, d2h_free, h2d_s))
-                if need > needs.get(s, -1):
-                    needs[s] = need
-        forward_end = t
+                    curve.append((t, mem))
+        copies.sort(key=_STREAM_ORDER, reverse=True)  # rule 3: latest need, reverse pack
+        return Forward(copies, frees, fk, mem, peak, peak_t, host, d2h_busy, intervals, curve,
+                       record)
 
-        triggers = issue_schedule(needs, n, lookahead)
+    def backward(self, fw: Forward, codes: Sequence[int], lookahead: int) -> Timeline:
+        """The step of `fw`'s forward followed by its backward at `lookahead` (rules 3-8)."""
+        n = self.n
+        fwd, bwd, saved, cross, inputs = (self.forward_s, self.backward_s, self.saved,
+                                          self.cross, self.input_bytes)
+        working = self.working
+        record = fw.record
+        intervals = list(fw.intervals) if record else fw.intervals
+        curve = list(fw.curve) if record else fw.curve
+        copies, frees = fw.copies, fw.frees
+        fk, nf, mem, peak, peak_t = fw.fk, len(fw.frees), fw.mem, fw.peak, fw.peak_t
+        t = forward_end = self.forward_end
         ready = [0.0] * n
         h2d_free = h2d_busy = exposed = recompute_s = 0.0
-        for j in range(n - 1, -1, -1):  # backward
-            for s in triggers[j]:  # rule 3
-                for label, nbytes, need, d2h_end, h2d_s in reversed(groups[s]):
-                    comp.append((t, nbytes))
-                    start = h2d_free if h2d_free > t else t
-                    if d2h_end > start:
-                        start = d2h_end
-                    h2d_free = start + h2d_s
-                    h2d_busy += h2d_s
-                    if record:
-                        intervals.append(Interval(H2D, label, start, h2d_free))
-                    if h2d_free > ready[need]:
-                        ready[need] = h2d_free
+        k, ncopies, last = 0, len(copies), n - 1
+        for j in range(last, -1, -1):
+            # a positive event at time t: apply the D2H frees up to t first (rule 8)
+            while fk < nf and frees[fk][0] <= t:
+                mem += frees[fk][1]
+                if record:
+                    curve.append((frees[fk][0], mem))
+                fk += 1
+            while k < ncopies and copies[k][0] + lookahead >= j:  # rule 3
+                need, _, nbytes, d2h_end, h2d_s, label = copies[k]
+                k += 1
+                mem += nbytes
+                if mem > peak:
+                    peak, peak_t = mem, t
+                if record:
+                    curve.append((t, mem))
+                st = h2d_free if h2d_free > t else t
+                if d2h_end > st:
+                    st = d2h_end
+                h2d_free = st + h2d_s
+                h2d_busy += h2d_s
+                if record:
+                    intervals.append(Interval(H2D, label, st, h2d_free))
+                if h2d_free > ready[need]:
+                    ready[need] = h2d_free
             if ready[j] > t:  # rule 4
                 if record:
                     intervals.append(Interval(COMPUTE, f"stall {j}", t, ready[j]))
                 exposed += ready[j] - t
                 t = ready[j]
             c = codes[j]
+            held = saved[j] + working[j]
+            grow = working[j]
             if c >= RECOMPUTE:  # rule 5
-                comp.append((t, saved[j] - self.cross[j]))
                 if record:
                     intervals.append(Interval(COMPUTE, f"recompute {j}", t, t + fwd[j]))
+                grow_at = t
                 t += fwd[j]
                 recompute_s += fwd[j]
+                held += inputs[j]
+                replayed = saved[j] - cross[j]
+                while fk < nf and frees[fk][0] <= grow_at:
+                    mem += frees[fk][1]
+                    if record:
+                        curve.append((frees[fk][0], mem))
+                    fk += 1
+                mem += replayed
+                if mem > peak:
+                    peak, peak_t = mem, grow_at
+                if record:
+                    curve.append((grow_at, mem))
+            if grow:  # rule 6
+                while fk < nf and frees[fk][0] <= t:
+                    mem += frees[fk][1]
+                    if record:
+                        curve.append((frees[fk][0], mem))
+                    fk += 1
+                mem += grow
+                if mem > peak:
+                    peak, peak_t = mem, t
+                if record:
+                    curve.append((t, mem))
             if record:
                 intervals.append(Interval(COMPUTE, f"bwd {j}", t, t + bwd[j]))
             t += bwd[j]
-            comp.append((t, -(saved[j] + (self.input_bytes[j] if c >= RECOMPUTE else 0))))  # rule 6
-
-        memory, peak = _merge(comp, d2h_frees, record)
+            while fk < nf and frees[fk][0] <= t:
+                mem += frees[fk][1]
+                if record:
+                    curve.append((frees[fk][0], mem))
+                fk += 1
+            mem -= held  # rule 7
+            if record:
+                curve.append((t, mem))
         if record:
+            for time, delta in frees[fk:]:
+                mem += delta
+                curve.append((time, mem))
             intervals.sort(key=lambda i: (i.start, i.end))
         return Timeline(
             step_s=t, forward_s=forward_end, backward_s=t - forward_end, exposed_s=exposed,
-            recompute_s=recompute_s, d2h_busy_s=d2h_busy, h2d_busy_s=h2d_busy,
-            # every host block is taken in forward and freed in backward: the peak is the sum
-            peak_device_bytes=peak, peak_host_bytes=host, offloaded_bytes=host,
-            memory=memory, intervals=tuple(intervals))
+            recompute_s=recompute_s, d2h_busy_s=fw.d2h_busy, h2d_busy_s=h2d_busy,
+            peak_device_bytes=peak, peak_host_bytes=fw.host, offloaded_bytes=fw.host,
+            memory=tuple(curve), intervals=tuple(intervals), peak_time_s=peak_t)
+
+
+class Forward(NamedTuple):
+    """What `Simulator.forward` leaves for `Simulator.backward`: the reloads in H2D stream
+    order, the D2H frees (time order) and how many of them the forward applied, the device
+    bytes and peak at its end, and the host bytes, D2H busy seconds and records."""
+
+    copies: list
+    frees: list
+    fk: int
+    mem: int
+    peak: int
+    peak_t: float
+    host: int
+    d2h_busy: float
+    intervals: list
+    curve: list
+    record: bool
+
+
+_STREAM_ORDER = operator.itemgetter(0, 1)
 
 
 def issue_schedule(needs: dict[int, int], n: int, lookahead: int) -> tuple[tuple[int, ...], ...]:
-    """Rule 3: for each segment j, the segments whose reloads are issued when backward reaches j.
-
-    `needs` maps a segment with reloads to the latest segment that uses them; its reloads are
-    issued at segment min(n - 1, need + lookahead). Segments issued at one point come in reverse
-    pack order (highest segment first).
+    """Rule 3 at segment level: for each segment j, the segments with a reload issued when
+    backward reaches j. `needs` maps a segment to the needs of its reloads (an int, or a set of
+    them when its tensors are saved again later); a reload with need m is issued at segment
+    min(n - 1, m + lookahead). At one point segments come highest first.
     """
-    points: list[list[int]] = [[] for _ in range(n)]
-    for s in sorted(needs, reverse=True):
-        points[min(n - 1, needs[s] + lookahead)].append(s)
-    return tuple(tuple(p) for p in points)
-
-
-def _merge(comp: list[tuple[float, int]], frees: list[tuple[float, int]],
-           record: bool) -> tuple[tuple[tuple[float, int], ...], int]:
-    """The device-memory curve (if `record`) and its peak from two time-ordered lists (rule 7)."""
-    out: list[tuple[float, int]] = []
-    mem = peak = 0
-    k = 0
-    nf = len(frees)
-    for time, delta in comp:
-        while k < nf and frees[k][0] <= time:
-            mem += frees[k][1]
-            if record:
-                out.append((frees[k][0], mem))
-            k += 1
-        mem += delta
-        if mem > peak:
-            peak = mem
-        if record:
-            out.append((time, mem))
-    if record:
-        for time, delta in frees[k:]:
-            mem += delta
-            out.append((time, mem))
-    return tuple(out), peak
+    points: list[set[int]] = [set() for _ in range(n)]
+    for s, need in needs.items():
+        for m in (need if isinstance(need, (set, frozenset, tuple)) else (need,)):
+            points[min(n - 1, m + lookahead)].add(s)
+    return tuple(tuple(sorted(p, reverse=True)) for p in points)
 
 
 def simulate(profile: Profile, plan: Plan, hardware: Hardware | None = None) -> Timeline:

@@ -6,7 +6,8 @@
 
 For each device budget (a percentage of the keep-all activation bytes) it prints the
 simulated step time and peak memory of the three uniform policies and of `scheduler.plan`,
-whether each fits the budget, and the plan's mix of actions. Everything is predicted from
+how much of the budget each peak uses, whether each fits, the plan's mix of actions and the
+wall time `scheduler.plan` took (milliseconds, this machine). Everything is predicted from
 `synth.transformer_profile`; no GPU is involved.
 
 With --pp (pipeline stages) or --microbatches, the model is cut into stages and the table is
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 from typing import Sequence, TextIO
 
@@ -102,12 +104,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     print(f"keep-all activations {total / GiB:.2f} GiB over {len(profile.segments)} segments; "
           f"host budget {'none' if host is None else f'{host / GiB:.1f} GiB'}", file=out)
     print(file=out)
-    rows = [["budget", "GiB", "contender", "step s", "vs keep", "peak GiB", "host GiB", "fits",
-             "mix"]]
+    rows = [["budget", "GiB", "contender", "step s", "vs keep", "peak GiB", "of budget",
+             "host GiB", "fits", "plan ms", "mix"]]
     notes = []
     for pct in args.budgets:
         budget = int(total * pct / 100)
+        start = time.perf_counter()
         ours = plan(profile, budget, host, hw)
+        plan_ms = 1e3 * (time.perf_counter() - start)
         notes += [f"plan at {pct:g}%: {n}" for n in ours.notes]
         contenders = dict(uniform, plan=ours)
         for i, (name, p) in enumerate(contenders.items()):
@@ -117,9 +121,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                          name, f"{p.predicted_step_s:.3f}",
                          f"{100 * (p.predicted_step_s / keep.predicted_step_s - 1):+.1f}%",
                          f"{p.predicted_peak_bytes / GiB:.2f}",
+                         f"{100 * p.predicted_peak_bytes / budget:.0f}%" if budget else "-",
                          f"{p.predicted_host_bytes / GiB:.2f}", "yes" if fits else "no",
-                         mix(p)])
-    for line in _table(rows, right={0, 1, 3, 4, 5, 6}):
+                         f"{plan_ms:.0f}" if p is ours else "", mix(p)])
+    for line in _table(rows, right={0, 1, 3, 4, 5, 6, 7, 9}):
         print(line, file=out)
     if notes:
         print(file=out)

@@ -1,4 +1,4 @@
-"""The planner: budgets, rule 1, and the greedy against the exhaustive search."""
+"""The planner: budgets, rule 1, per-tensor choices, working sets, and the exact reference."""
 import itertools
 import math
 import random
@@ -6,18 +6,19 @@ import random
 import pytest
 
 from scheduler import Action, Profile, SegmentRecord, TensorRecord
-from scheduler import plan, plan_exact, plan_uniform, simulate
-from scheduler.check import BUDGET_LEVELS, cases, compare, random_case
+from scheduler import backward_reserve, plan, plan_exact, plan_uniform, simulate
+from scheduler.cases import ADVERSARIAL, budget_floor, cases
+from scheduler.check import compare, summarize
 from scheduler.simulate import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD_INPUTS, Simulator
 
 K, O, R = Action.KEEP, Action.OFFLOAD, Action.RECOMPUTE
 MB = 10**6
 
 
-def llama_like(n_layers=6, bw=20e9):
+def llama_like(n_layers=6, bw=20e9, working=0):
     """embed, n_layers equal blocks, head; each block 5 x 100 MB, F 10 ms, B 20 ms."""
     segs = [SegmentRecord(0, "embed", 1e-3, 2e-3, False, 0)]
-    segs += [SegmentRecord(i, f"layer{i}", 10e-3, 20e-3, True, 50 * MB)
+    segs += [SegmentRecord(i, f"layer{i}", 10e-3, 20e-3, True, 50 * MB, working)
              for i in range(1, n_layers + 1)]
     segs.append(SegmentRecord(n_layers + 1, "head", 5e-3, 10e-3, False, 0))
     tens = [TensorRecord(0, 0, 1000, False)]
@@ -25,6 +26,11 @@ def llama_like(n_layers=6, bw=20e9):
         for _ in range(5):
             tens.append(TensorRecord(len(tens), s, 100 * MB, True))
     return Profile(tuple(segs), tuple(tens), bw_d2h=bw, bw_h2d=bw)
+
+
+def mix(result):
+    """The plan in short: one letter per segment (Ri: recompute, inputs offloaded)."""
+    return "".join("I" if sp.offload_inputs else sp.action.name[0] for sp in result.segments)
 
 
 def test_budget_above_keep_all_keeps_everything():
@@ -48,45 +54,166 @@ def test_predictions_match_the_simulator():
 
 
 @pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
-def test_meets_budgets_and_keeps_the_tail(fraction):
+def test_meets_budgets_and_offloads_nothing_in_the_tail(fraction):
     p = llama_like()
     budget = int(plan_uniform(p, K).predicted_peak_bytes * fraction)
     host = p.total_saved_bytes // 3
     result = plan(p, budget, host)
     assert simulate(p, result).fits(budget, host)
-    assert result.action(len(p.segments) - 1) is K  # head
-    assert result.action(len(p.segments) - 2) is K  # last block (keep_last=1)
+    tail = {len(p.segments) - 2, len(p.segments) - 1}  # last block (keep_last=1) and head
+    assert all(result.action(s) is not O and not result.segments[s].offload_inputs for s in tail)
+    assert not {t.id for t in p.tensors if t.segment in tail} & result.offload_ids
     assert result.predicted_step_s <= plan_uniform(p, R).predicted_step_s
 
 
-def test_tail_rule_dropped_only_when_needed():
-    # At 20% the head's backward (500 MB) plus a resident last block (500 MB) cannot fit.
+def test_the_tail_may_be_recomputed():
+    # Rule 1 holds the last block's copies back, not its replay: at 20% the plan recomputes
+    # the last block (layer 6) and keeps rule 1 (no note); it is the optimum.
     p = llama_like()
     budget = int(plan_uniform(p, K).predicted_peak_bytes * 0.2)
     result = plan(p, budget, None)
-    assert simulate(p, result).fits(budget)
-    assert any("rule 1 dropped" in n for n in result.notes)
-    assert result.predicted_step_s == plan_exact(p, budget, None).predicted_step_s
+    assert mix(result) == "KIRIIRRK" and result.notes == ()
+    assert result.predicted_step_s == pytest.approx(0.258)
+    assert result.predicted_step_s == pytest.approx(plan_exact(p, budget, None).predicted_step_s)
 
 
-def test_keep_last():
-    # The last block is big and cheap to replay, the link slow: keep_last=0 recomputes it,
-    # keep_last=1 keeps it and recomputes more of the others instead.
+def tail_profile():
+    """embed, block, a gap, block, head: blocks 5 x 100 MB with 450 MB inputs (a replay drops
+    only 50 MB), every other segment one or five 100 MB tensors."""
+    segs = (SegmentRecord(0, "embed", 5e-3, 10e-3, False),
+            SegmentRecord(1, "block0", 10e-3, 20e-3, True, 450 * MB),
+            SegmentRecord(2, "between", 5e-3, 10e-3, False),
+            SegmentRecord(3, "block1", 10e-3, 20e-3, True, 450 * MB),
+            SegmentRecord(4, "head", 5e-3, 10e-3, False))
+    tens = []
+    for s, count in ((0, 1), (1, 5), (2, 1), (3, 5), (4, 5)):
+        for _ in range(count):
+            tens.append(TensorRecord(len(tens), s, 100 * MB, True))
+    return Profile(segs, tuple(tens), bw_d2h=50e9, bw_h2d=50e9)
+
+
+def test_tail_rule_dropped_only_when_needed():
+    p = tail_profile()  # keep-all peaks at 1700 MB; keep_last=2 puts segments 1-4 in the tail
+    kept = plan(p, 1500 * MB, None, keep_last=2)  # both replays (20 ms) rather than copies
+    assert mix(kept) == "ORKRK" and kept.notes == ()
+    assert kept.predicted_step_s == pytest.approx(0.125)
+    assert plan_exact(p, 1500 * MB, None).predicted_step_s == pytest.approx(0.105)  # no rule
+    dropped = plan(p, 1400 * MB, None, keep_last=2)  # no plan fits without tail copies
+    assert dropped.notes == ("rule 1 dropped: the budget cannot be met with the last segments "
+                             "resident",)
+    assert dropped.predicted_peak_bytes <= 1400 * MB
+    assert dropped.predicted_step_s == pytest.approx(0.105)
+    exact = plan_exact(p, 1400 * MB, None, keep_last=2)
+    assert exact.notes[0] == dropped.notes[0]
+    assert exact.predicted_step_s == pytest.approx(dropped.predicted_step_s)
+
+
+def test_keep_last_covers_more_blocks():
     p = llama_like(bw=1e9)
-    segs = list(p.segments)
-    segs[-2] = SegmentRecord(segs[-2].index, "layer6", 1e-3, 2e-3, True, 50 * MB)
-    tens = list(p.tensors) + [TensorRecord(len(p.tensors), len(segs) - 2, 1000 * MB, True)]
-    p = Profile(tuple(segs), tuple(tens), bw_d2h=p.bw_d2h, bw_h2d=p.bw_h2d)
-    budget = plan_uniform(p, K).predicted_peak_bytes - 1400 * MB
-    free, tail = plan(p, budget, None, keep_last=0), plan(p, budget, None, keep_last=1)
-    assert free.action(6) is R
-    assert tail.action(6) is K and tail.action(7) is K
-    assert free.predicted_step_s < tail.predicted_step_s
-    p = llama_like(bw=1e9)
-    kept = plan(p, plan_uniform(p, K).predicted_peak_bytes * 8 // 10, None, keep_last=3)
-    assert kept.notes == ()
-    assert [kept.action(s) for s in (4, 5, 6, 7)] == [K, K, K, K]
-    assert {kept.action(s) for s in (1, 2, 3)} != {K}
+    budget = plan_uniform(p, K).predicted_peak_bytes * 8 // 10
+    kept = plan(p, budget, None, keep_last=3)
+    assert kept.notes == () and kept.predicted_peak_bytes <= budget
+    assert all(kept.action(s) is not O for s in (4, 5, 6, 7))
+    assert not {t.id for t in p.tensors if t.segment >= 4} & kept.offload_ids
+
+
+def huge_tensor_profile():
+    """Issue 12's failure: a 0.5 GB/s link; the embedding saves a 699 MB and a 10 MB tensor;
+    two 300 MB blocks (20 ms forward, 20 MB inputs), a 50 MB head."""
+    segs = (SegmentRecord(0, "embed", 2e-3, 4e-3, False),
+            SegmentRecord(1, "block0", 20e-3, 40e-3, True, 20 * MB),
+            SegmentRecord(2, "block1", 20e-3, 40e-3, True, 20 * MB),
+            SegmentRecord(3, "head", 10e-3, 20e-3, False))
+    tens = (TensorRecord(0, 0, 699 * MB, True), TensorRecord(1, 0, 10 * MB, True),
+            TensorRecord(2, 1, 300 * MB, True), TensorRecord(3, 2, 300 * MB, True),
+            TensorRecord(4, 3, 50 * MB, True))
+    return Profile(segs, tens, bw_d2h=0.5e9, bw_h2d=0.5e9, transfer_latency_s=10e-6)
+
+
+def test_offloads_the_small_tensor_and_recomputes_rather_than_copy_the_huge_one():
+    # 290 MB too much: recomputing block0 drops 280 MB (its 20 MB inputs stay) for its 20 ms
+    # forward; the 10 MB tensor covers the rest, its copy hidden. Copying the embedding's
+    # tensors per segment takes 1.4 s at 0.5 GB/s each way: a 2.8 s step instead of 0.176 s.
+    p = huge_tensor_profile()
+    keep = plan_uniform(p, K)
+    budget = keep.predicted_peak_bytes - 290 * MB
+    result = plan(p, budget, None)
+    assert mix(result) == "ORKK" and result.offload_ids == {1}
+    assert result.predicted_step_s == pytest.approx(keep.predicted_step_s + 0.020)
+    assert result.predicted_peak_bytes <= budget
+    assert result.predicted_step_s == pytest.approx(plan_exact(p, budget, None).predicted_step_s)
+    sim = Simulator(p)
+    whole = sim.run((OFFLOAD, RECOMPUTE, KEEP, KEEP), frozenset({0, 1}), 1)
+    assert whole.step_s > 2.8
+
+
+def knapsack_profile():
+    """A 5 ms block saving 300, 200 and 150 MB early in forward, over a 10 GB/s link, then two
+    400 MB blocks and a head."""
+    segs = (SegmentRecord(0, "embed", 1e-3, 2e-3, False),
+            SegmentRecord(1, "block0", 5e-3, 10e-3, True, 50 * MB),
+            SegmentRecord(2, "block1", 20e-3, 40e-3, True, 50 * MB),
+            SegmentRecord(3, "block2", 20e-3, 40e-3, True, 50 * MB),
+            SegmentRecord(4, "head", 10e-3, 20e-3, False))
+    tens = (TensorRecord(0, 0, 1 * MB, False), TensorRecord(1, 1, 300 * MB, True),
+            TensorRecord(2, 1, 200 * MB, True), TensorRecord(3, 1, 150 * MB, True),
+            TensorRecord(4, 2, 400 * MB, True), TensorRecord(5, 3, 400 * MB, True),
+            TensorRecord(6, 4, 100 * MB, True))
+    return Profile(segs, tens, bw_d2h=10e9, bw_h2d=10e9, transfer_latency_s=0.0)
+
+
+def test_a_segments_offloads_are_a_knapsack_under_its_window():
+    # 340 MB too much. In block0: all three copies (650 MB) take 65 ms and expose 25 ms;
+    # 300 MB alone does not cover the deficit; 300 + 150 costs 5 ms; 200 + 150 hide.
+    p = knapsack_profile()
+    keep = plan_uniform(p, K)
+    budget = keep.predicted_peak_bytes - 340 * MB
+    result = plan(p, budget, None)
+    assert result.offload_ids == {2, 3} and mix(result) == "KOKKK"
+    assert result.predicted_step_s == keep.predicted_step_s == pytest.approx(0.168)
+    sim = Simulator(p)
+    codes = (KEEP, OFFLOAD, KEEP, KEEP, KEEP)
+    assert sim.run(codes, frozenset({1, 2, 3}), 1).step_s == pytest.approx(0.193)
+    assert sim.run(codes, frozenset({1}), 1).peak_device_bytes > budget
+    assert sim.run(codes, frozenset({1, 3}), 1).step_s == pytest.approx(0.173)
+
+
+def test_a_faster_plan_that_uses_more_of_the_budget_is_taken():
+    # F = 1 s, B = 2 s, tensors 300, 300, 300, 100 B; D2H 300 B/s, H2D 100 B/s. Offloading
+    # segment 0 with lookahead 1 reloads it during segment 1's 2 s backward: 3 s copy, 1 s
+    # stall, peak 700 B. Lookahead 2 hides it but holds it during segment 2's backward: 900 B.
+    segs = tuple(SegmentRecord(i, f"s{i}", 1.0, 2.0, False) for i in range(4))
+    tens = tuple(TensorRecord(i, i, n, True) for i, n in enumerate([300, 300, 300, 100]))
+    p = Profile(segs, tens, bw_d2h=300.0, bw_h2d=100.0, transfer_latency_s=0.0)
+    roomy, tight = plan(p, 900, None), plan(p, 800, None)
+    assert (roomy.offload_ids, roomy.lookahead) == ({0}, 2)
+    assert (roomy.predicted_step_s, roomy.predicted_peak_bytes) == (12.0, 900)
+    assert (tight.offload_ids, tight.lookahead) == ({0}, 1)
+    assert (tight.predicted_step_s, tight.predicted_peak_bytes) == (13.0, 700)
+
+
+def test_plans_with_the_backward_working_set():
+    # 400 MB of gradients per block backward. At 1600 MB a plan made without them recomputes
+    # layer 4, whose replay plus working set then peaks at 1950 MB; with them it recomputes
+    # layer 2 instead (its backward runs after later blocks freed theirs) and fits.
+    blind = llama_like(n_layers=4)
+    seen = llama_like(n_layers=4, working=400 * MB)
+    budget = 1600 * MB
+    unaware = plan(blind, budget, None)
+    assert simulate(seen, unaware).peak_device_bytes == 1950 * MB + 1000
+    aware = plan(seen, budget, None)
+    assert mix(aware) == "KORKKK" and aware.predicted_peak_bytes <= budget
+    assert simulate(seen, aware).peak_device_bytes == aware.predicted_peak_bytes
+    assert aware.predicted_step_s == pytest.approx(0.148)
+
+
+def test_backward_reserve():
+    p = llama_like()
+    assert backward_reserve(p) == 250 * MB  # half the largest segment's saved bytes
+    assert backward_reserve(p, share=0.0) == 0
+    assert backward_reserve(llama_like(working=1)) == 0  # measured working sets: none needed
+    with pytest.raises(ValueError, match="share"):
+        backward_reserve(p, share=2.0)
 
 
 def test_per_tensor_offload_inside_a_segment():
@@ -131,54 +258,105 @@ def test_plan_uniform():
     assert [sp.action for sp in rec.segments] == [K] + [R] * 6 + [K]
 
 
-def brute_force(case):
-    """Best simulated step over every per-segment choice and every lookahead (inf if none fits),
-    written independently of scheduler.exact."""
-    sim = Simulator(case.profile)
-    choices, moved = [], []
-    for seg in case.profile.segments:
-        own = frozenset(t.id for t in case.profile.tensors
-                        if t.segment == seg.index and t.offloadable)
-        options = [KEEP] + ([OFFLOAD] if own else [])
+def tiny_profile(rng):
+    """2-4 segments of 0-2 tensors (0.1-500 MB, some saved again later), mixed links and
+    working sets: small enough to enumerate every plan."""
+    n = rng.randint(2, 4)
+    segs, tens = [], []
+    for s in range(n):
+        total = 0
+        for _ in range(rng.randint(0 if s else 1, 2)):
+            size = int(10 ** rng.uniform(5, 8.7))
+            last = rng.randint(s + 1, n - 1) if s < n - 1 and rng.random() < 0.2 else -1
+            tens.append(TensorRecord(len(tens), s, size, rng.random() < 0.9, last))
+            total += size
+        fwd = 10 ** rng.uniform(-3.5, -1.8)
+        recomputable = rng.random() < 0.7
+        segs.append(SegmentRecord(s, f"s{s}", fwd, fwd * rng.uniform(0.5, 3), recomputable,
+                                  int(max(total, MB) * rng.uniform(0.05, 0.5)) if recomputable
+                                  else 0, int(total * rng.uniform(0, 1)) if rng.random() < 0.5
+                                  else 0))
+    bw = 10 ** rng.uniform(8.5, 10.7)
+    return Profile(tuple(segs), tuple(tens), bw_d2h=bw, bw_h2d=bw * rng.uniform(0.3, 3))
+
+
+def brute_force(p, device_budget, host_budget):
+    """Best simulated step over every plan: each segment keeps, offloads any subset of its
+    offloadable tensors, recomputes, or recomputes with its inputs offloaded, at every
+    lookahead (inf if none fits); written independently of scheduler.exact."""
+    sim = Simulator(p)
+    choices = []
+    for seg in p.segments:
+        own = [t.id for t in p.tensors if t.segment == seg.index and t.offloadable]
+        options = [(KEEP, frozenset())]
+        options += [(OFFLOAD, frozenset(sub)) for r in range(1, len(own) + 1)
+                    for sub in itertools.combinations(own, r)]
         if seg.recomputable:
-            options += [RECOMPUTE] + ([RECOMPUTE_OFFLOAD_INPUTS] if seg.input_bytes else [])
+            options.append((RECOMPUTE, frozenset()))
+            if seg.input_bytes:
+                options.append((RECOMPUTE_OFFLOAD_INPUTS, frozenset()))
         choices.append(options)
-        moved.append(own)
     best = math.inf
-    for codes in itertools.product(*choices):
-        ids = frozenset().union(*(moved[s] for s, c in enumerate(codes) if c == OFFLOAD))
+    for combo in itertools.product(*choices):
+        codes = tuple(c for c, _ in combo)
+        ids = frozenset().union(*(i for _, i in combo))
         for d in range(1, max(2, sim.n)):
             tl = sim.run(codes, ids, d)
-            if tl.fits(case.device_budget, case.host_budget):
+            if tl.fits(device_budget, host_budget):
                 best = min(best, tl.step_s)
     return best
 
 
 def test_exact_search_matches_brute_force():
     rng = random.Random(7)
-    for i in range(60):
-        case = random_case(rng, BUDGET_LEVELS[i % len(BUDGET_LEVELS)], max_segments=6)
-        exact = plan_exact(case.profile, case.device_budget, case.host_budget)
-        best = brute_force(case)
+    for _ in range(60):
+        p = tiny_profile(rng)
+        keep = plan_uniform(p, K).predicted_peak_bytes
+        floor = budget_floor(p)
+        budget = int(floor + rng.choice([0.1, 0.3, 0.5, 0.8]) * max(0, keep - floor))
+        host = None if rng.random() < 0.6 else int(p.total_saved_bytes * rng.uniform(0.1, 0.8))
+        exact = plan_exact(p, budget, host)
+        best = brute_force(p, budget, host)
         if math.isinf(best):
-            assert not simulate(case.profile, exact).fits(case.device_budget, case.host_budget)
+            assert not simulate(p, exact).fits(budget, host)
         else:
-            assert exact.predicted_step_s == pytest.approx(best, rel=1e-12)
+            assert simulate(p, exact).fits(budget, host)
+            assert exact.predicted_step_s == pytest.approx(best, rel=1e-9)
 
 
-def test_greedy_against_exact_on_random_profiles():
-    problems = cases(150, seed=0)
+@pytest.mark.parametrize("families", [("random",), ADVERSARIAL])
+def test_planner_against_the_exact_reference(families):
+    problems = cases(30, seed=3, families=families)
     outcomes = [compare(c) for c in problems]
-    feasible = [o for o in outcomes if o.exact_fits]
-    assert len(feasible) >= 90  # the budget levels leave most cases solvable
+    s = summarize(outcomes)
+    assert s.feasible >= 12  # the budget levels leave many cases solvable
+    assert s.missed == 0  # never over budget where a fitting plan exists
+    assert s.within >= s.feasible - 1 and s.worst <= 1.10
     for case, o in zip(problems, outcomes):
-        # every greedy plan meets both budgets, or says it cannot and the optimum cannot either
-        if not o.greedy_fits:
-            assert not o.exact_fits
+        if not o.greedy_fits:  # it says so
             assert any("infeasible" in n for n in o.greedy.notes)
-        # never slower than full recompute where that fits (planner rule 5)
-        rec = plan_uniform(case.profile, R)
-        if o.greedy_fits and simulate(case.profile, rec).fits(case.device_budget, case.host_budget):
+        rec = plan_uniform(case.profile, R)  # never slower than full recompute (rule 5)
+        if o.greedy_fits and simulate(case.profile, rec).fits(case.device_budget,
+                                                              case.host_budget):
             assert o.greedy.predicted_step_s <= rec.predicted_step_s * (1 + 1e-9)
-    within = sum(1 for o in feasible if o.greedy_fits and o.ratio <= 1.02)
-    assert within >= 0.95 * len(feasible)
+
+
+def test_a_thousand_tensors_are_planned_in_a_few_dozen_simulations():
+    # Llama-3-70B at 8k: 82 segments, 1044 tensors. The families of `construct` find a plan at
+    # keep-all's step time at 15% of keep-all's bytes; the local search's scans do not fit in
+    # the work budget, so the whole plan costs a few dozen simulations (tens of ms: whatif).
+    from scheduler.hardware import get_hardware
+    from scheduler.planner import resident_tail, solve
+    from scheduler.search import MAX_WORK, Search
+    from scheduler.synth import transformer_profile
+    p = transformer_profile("llama3-70b", get_hardware("h100-pcie"), seq=8192)
+    keep = plan_uniform(p, K)
+    budget = int(keep.predicted_peak_bytes * 0.15)
+    sim = Simulator(p)
+    search = Search(sim, budget, None, resident_tail(sim, 1))
+    (codes, ids), notes = solve(search)
+    tl, _ = search.eval((codes, ids))
+    assert notes == () and tl.peak_device_bytes <= budget
+    assert tl.step_s == pytest.approx(keep.predicted_step_s)
+    assert search.work <= MAX_WORK
+    assert len(search._cache) + len(search._fit_cache) <= 40

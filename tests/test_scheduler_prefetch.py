@@ -79,3 +79,15 @@ def test_lookahead_capped_by_device_headroom():
     assert lookahead(p, plan, device_budget=peaks[3]) == 3
     assert lookahead(p, plan, device_budget=peaks[2]) == 2
     assert lookahead(p, plan, device_budget=peaks[1] - 1) == 1  # never below 1
+
+
+def test_issue_order_follows_each_tensors_need():
+    # Segment 0's second tensor is saved again by segment 3: with lookahead 1 it is issued
+    # when backward reaches segment 4 (the start of backward), the first one at segment 1.
+    segs = tuple(SegmentRecord(i, f"s{i}", 1.0, 2.0, True, 10) for i in range(5))
+    tens = (TensorRecord(0, 0, 100, True), TensorRecord(1, 0, 100, True, last_segment=3))
+    p = Profile(segs, tens, bw_d2h=100.0, bw_h2d=100.0, transfer_latency_s=0.0)
+    plan = Plan((SegmentPlan(O),) + (SegmentPlan(K),) * 4, offload_ids=frozenset({0, 1}))
+    assert issue_order(p, plan) == ((), (0,), (), (), (0,))
+    tl = simulate(p, plan)
+    assert [(i.label, i.start) for i in tl.stream("h2d")] == [("t1", 5.0), ("t0", 11.0)]
