@@ -312,6 +312,7 @@ class HybridCheckpointer:
         if self._own_monitor and self.monitor is not None:
             self.monitor.stop()
             self.monitor = None
+        self._runtime.policy.close()
         self._runtime.backend.close()
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scheduler import Plan, plan as make_plan
+from scheduler import Plan, backward_reserve as scheduler_reserve, plan as make_plan
 from scheduler.plan import Action, SegmentPlan
 
 from ..transfer.linkprobe import measure_link
@@ -30,6 +30,7 @@ from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
 from ..observe.planview import PlanView, explain_note, plan_mix
 from .profile import build_profile
+from .workset import WorkingSetProbe
 
 if TYPE_CHECKING:
     from ..core.hooks import ForwardPass
@@ -42,17 +43,19 @@ WARMUP_FORWARDS = 1  # profiling forwards per signature that are not measured
 MAX_SIGNATURES = 16  # plans kept; each new input shape costs two profiling steps
 
 
-RESERVE_SHARE = 0.5
+def backward_reserve(profile, model) -> int:
+    """Bytes the plan leaves free under the device budget for what backward allocates besides
+    saved activations.
 
-
-def backward_reserve(profile) -> int:
-    """Bytes the plan leaves free under the device budget for backward's own working set.
-
-    The budget counts saved activations (DESIGN.md §2), but while a segment's backward runs the
-    gradients of its activations are allocated next to its saved tensors. On our GPT blocks that
-    working set measured 0.4-0.6 of the block's saved bytes, hence half the largest segment's
-    saved bytes: it keeps the measured peak, not only the planned one, under the budget."""
-    return int(RESERVE_SHARE * max((profile.saved_bytes(s.index) for s in profile.segments), default=0))
+    With measured working sets (workset.py) the simulator counts each segment's own; what stays
+    is the parameters' gradients, which accumulate across segments (allocated in backward when
+    the step starts from `zero_grad(set_to_none=True)`). Without them (another profiler was
+    running), the scheduler's flat estimate: half the largest segment's saved bytes."""
+    if not profile.has_working_sets:
+        return scheduler_reserve(profile)
+    if model is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 class AutoPolicy(Policy):
@@ -69,6 +72,8 @@ class AutoPolicy(Policy):
         self._plan: Plan | None = None  # the plan this forward runs; None while profiling
         self._decided = False
         self._link = None  # the host link, measured before the first forward
+        self.worksets: dict[str, dict[str, int]] = {}  # signature -> segment name -> backward bytes
+        self._probe: list | None = None  # [WorkingSetProbe, signature, its step's stats] over a warm-up step
 
     # -- per forward ---------------------------------------------------------------------------
     def begin_forward(self, forward: "ForwardPass") -> None:
@@ -77,6 +82,7 @@ class AutoPolicy(Policy):
             self._link = measure_link(rt.backend, rt.pool, device_budget=rt.settings.device_budget)
             if rt.settings.derive_threshold:  # Rule 6: the byte threshold comes from the measured link
                 rt.settings.min_offload_bytes = self._link.min_offload_bytes()
+        self._stop_probe()
         self._finish_pending()
         self._signature = ""
         self._plan = None
@@ -91,9 +97,40 @@ class AutoPolicy(Policy):
         if not self._decided:
             self._decided = True
             self._plan = self.plans.get(self._signature)
+            if self._plan is None and not self._warm.get(self._signature) and self._probe is None \
+                    and self._signature not in self.worksets:
+                self._start_probe()
         return self._plan
 
+    # -- backward's working set (measured on the warm-up step, never on a timed one) -------------
+    def _start_probe(self) -> None:
+        probe = WorkingSetProbe(self.runtime.device)
+        if probe.start():
+            self.runtime.backward_marker = probe.mark
+            self._probe = [probe, self._signature, None]
+
+    def _stop_probe(self, force: bool = False) -> None:
+        """Stop the probe once its step's backward has run (or at `close()`): each segment's
+        working set is its backward's peak less the bytes its own replay re-created."""
+        if self._probe is None:
+            return
+        probe, signature, stats = self._probe
+        backward = stats.timeline.backward if stats is not None else []
+        if not force and (not backward or any(end is None for _, end in backward)):
+            return  # several forwards before one backward: keep recording
+        self._probe = None
+        self.runtime.backward_marker = None
+        peaks = probe.stop()
+        if peaks and stats is not None:
+            self.worksets[signature] = {seg.name: max(0, peaks.get(seg.name, 0) - seg.recomputed)
+                                        for seg in stats.segments.values()}
+
+    def close(self) -> None:
+        self._stop_probe(force=True)
+
     def end_forward(self, forward: "ForwardPass", failed: bool) -> None:
+        if self._probe is not None and self._probe[2] is None:
+            self._probe[2] = forward.stats
         plan = self._plan if self._decided else None
         if failed:
             return
@@ -121,11 +158,12 @@ class AutoPolicy(Policy):
         self._pending = None
         rt = self.runtime
         rt.backend.settle()
-        profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature)
+        profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature,
+                                self.worksets.get(signature, {}))
         budget = rt.device_budget()
         if forward.meshes:  # tensor parallelism: the ranks of a mesh plan alike (dtensor.py)
             budget = smallest_over(forward.meshes, budget)
-        reserve = min(backward_reserve(profile), budget // 2)
+        reserve = min(backward_reserve(profile, rt.settings.model), budget // 2)
         plan = make_plan(profile, budget - reserve, rt.settings.host_budget, keep_last=rt.settings.keep_last)
         if forward.meshes:
             plan = first_rank_value(forward.meshes, plan)

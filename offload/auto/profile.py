@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from ..core.hooks import ForwardPass
 
 
-def build_profile(fp: "ForwardPass", tl: ResolvedTimeline, link: Link, signature: str) -> Profile:
+def build_profile(fp: "ForwardPass", tl: ResolvedTimeline, link: Link, signature: str,
+                  worksets: dict[str, int]) -> Profile:
     """Segments with their measured forward and backward times (replays subtracted from the
     backward they ran in), the tensors the forward saved, and the measured link."""
     forward: dict[str, float] = {}
@@ -27,7 +28,8 @@ def build_profile(fp: "ForwardPass", tl: ResolvedTimeline, link: Link, signature
     segments = tuple(
         SegmentRecord(index=seg.index, name=seg.name, forward_s=forward.get(seg.name, 0.0),
                       backward_s=max(0.0, backward.get(seg.name, 0.0)), recomputable=seg.site is not None,
-                      input_bytes=fp.input_bytes.get(seg.index, 0))
+                      input_bytes=fp.input_bytes.get(seg.index, 0),
+                      backward_working_set_bytes=worksets.get(seg.name, 0))
         for seg in fp.segments)
     return Profile(segments=segments, tensors=tuple(fp.records), bw_d2h=link.d2h_bytes_per_s,
                    bw_h2d=link.h2d_bytes_per_s, transfer_latency_s=link.latency_s, signature=signature)

@@ -67,6 +67,9 @@ class WorkingSetProbe:
 
     def start(self) -> bool:
         """Start recording; False (and nothing recorded) when a profiler is already running."""
+        if torch._C._autograd._profiler_enabled():  # the user's own profiler: leave it alone
+            log.info("auto: backward working set not measured (a profiler is running); the planner estimates it")
+            return False
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
         try:
             prof.__enter__()

@@ -434,6 +434,8 @@ class ForwardPass:
         self.rt.note_backward(self.stats)
         seg = self.segments[seg_index]
         self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
+        if self.rt.backward_marker is not None:
+            self.rt.backward_marker(seg.name)
         d = self.lookahead
         if d <= 0:
             return

@@ -65,6 +65,9 @@ class Policy:
         """What the plan predicted for this step (policy="auto"), for the report."""
         return None
 
+    def close(self) -> None:
+        """The checkpointer closes: stop whatever the policy still runs."""
+
     def current_plan(self):
         """The scheduler's `Plan` the last forward ran (policy="auto"); None otherwise."""
         return None

@@ -79,6 +79,7 @@ class Runtime:
         self.step_graphs: list[weakref.ref] = []  # GraphTokens of this step's forwards
         self.warned_cache = False
         self.warned_fallback = False
+        self.backward_marker: Callable[[str | None], None] | None = None  # told each segment's backward start
 
     # -- steps ---------------------------------------------------------------------------------
     def join_step(self, token: GraphToken) -> StepStats:
@@ -129,9 +130,14 @@ class Runtime:
         if timeline.backward and timeline.backward[-1][1] is None:
             return
         entry = timeline.open_backward(self.backend.mark())
+        marker = self.backward_marker
+        if marker is not None:
+            marker(timeline.tail_label)
 
         def close() -> None:
             entry[1] = self.backend.mark()
+            if marker is not None:
+                marker(None)
 
         try:
             torch.autograd.Variable._execution_engine.queue_callback(close)
