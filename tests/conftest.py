@@ -112,3 +112,12 @@ def settle(hc: HybridCheckpointer) -> None:
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+@pytest.fixture(autouse=True)
+def _collect_after_each_test():
+    """Checkpointers a test leaves alive are collected before the next test starts, so what they
+    still run (policy="auto"'s working-set profiler after a lone warm-up step stops only at the
+    next forward, at close(), or when the checkpointer dies) cannot reach into another test."""
+    yield
+    gc.collect()

@@ -17,6 +17,7 @@ would pair the collectives of its replay with other collectives (a hang or wrong
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,19 +108,23 @@ class AutoPolicy(Policy):
         probe = WorkingSetProbe(self.runtime.device)
         if probe.start():
             self.runtime.backward_marker = probe.mark
-            self._probe = [probe, self._signature, None]
+            # Stopped at the next forward or at close(); if the user does neither, when the
+            # checkpointer is collected. Not at the end of backward: the autograd engine restores
+            # the thread's profiler state after its final callbacks, so a stop there would not hold.
+            self._probe = [probe, self._signature, None, weakref.finalize(self, probe.stop)]
 
     def _stop_probe(self, force: bool = False) -> None:
         """Stop the probe once its step's backward has run (or at `close()`): each segment's
         working set is its backward's peak less the bytes its own replay re-created."""
         if self._probe is None:
             return
-        probe, signature, stats = self._probe
+        probe, signature, stats, finalizer = self._probe
         backward = stats.timeline.backward if stats is not None else []
         if not force and (not backward or any(end is None for _, end in backward)):
             return  # several forwards before one backward: keep recording
         self._probe = None
         self.runtime.backward_marker = None
+        finalizer.detach()
         peaks = probe.stop()
         if peaks and stats is not None:
             self.worksets[signature] = {seg.name: max(0, peaks.get(seg.name, 0) - seg.recomputed)
