@@ -1,7 +1,7 @@
 """What if: keep-all, full recompute, offload-all and the planner on a synthetic model.
 
     python -m scheduler.whatif --model llama3-8b --seq 8192 --hardware h100-pcie \
-        [--batch 1] [--budgets 100,70,50,30,15] [--host-budget GIB] [--no-flash] \
+        [--batch 1] [--budgets 100,70,50,30,15] [--host-budget 64GiB] [--no-flash] \
         [--pp N --microbatches M --schedule {gpipe,1f1b}]
 
 For each device budget (a percentage of the keep-all activation bytes) it prints the
@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from typing import Sequence, TextIO
 
+from .budget import parse_budget
 from .hardware import PRESETS, get_hardware
 from .pipeline import Schedule, plan_pipeline, split_stages, uniform_pipeline
 from .plan import Action, Plan
@@ -61,6 +62,22 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
+LEGEND = ("K keep, O offload (tensors moved), R recompute, Ri recompute with its inputs offloaded; "
+          "d = reloads issued that many segments ahead of backward")
+
+
+def _host_budget(text: str) -> int:
+    """`--host-budget` as the library parses budgets (a percentage has nothing to refer to here)."""
+    try:
+        return parse_budget("--host-budget", int(text) if text.strip().isdigit() else text, _no_percentage)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _no_percentage() -> int:
+    raise ValueError("--host-budget: a percentage needs the machine's memory; give a size, e.g. 64GiB")
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Parse `argv`, run the sweep and print the table to `out` (stdout by default)."""
     out = sys.stdout if out is None else out
@@ -72,8 +89,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="micro-batch size")
     parser.add_argument("--budgets", type=_percentages, default=_percentages(DEFAULT_BUDGETS),
                         help="device budgets, percent of keep-all activation bytes")
-    parser.add_argument("--host-budget", type=float, default=None, metavar="GIB",
-                        help="pinned host budget in GiB (default: no limit)")
+    parser.add_argument("--host-budget", type=_host_budget, default=None, metavar="SIZE",
+                        help="pinned host budget, read as the library reads one: bytes or '64GiB', "
+                             "'512MB' (default: no limit)")
     parser.add_argument("--no-flash", action="store_true", help="eager attention (s^2 terms)")
     parser.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline stages (per-stage table)")
     parser.add_argument("--microbatches", type=int, default=1, metavar="M", help="micro-batches per step")
@@ -83,13 +101,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if min(args.seq, args.batch, args.pp, args.microbatches) < 1:
         parser.error(f"--seq, --batch, --pp and --microbatches must be >= 1, got {args.seq}, {args.batch}, "
                      f"{args.pp} and {args.microbatches}")
-    if args.host_budget is not None and args.host_budget < 0:
-        parser.error(f"--host-budget must be >= 0 GiB, got {args.host_budget}")
 
     hw = get_hardware(args.hardware)
     profile = transformer_profile(args.model, hw, seq=args.seq, batch=args.batch,
                                   flash=not args.no_flash)
-    host = None if args.host_budget is None else int(args.host_budget * GiB)
+    host = args.host_budget
     uniform = {"keep-all": plan_uniform(profile, Action.KEEP),
                "full recompute": plan_uniform(profile, Action.RECOMPUTE),
                "offload-all": plan_uniform(profile, Action.OFFLOAD)}
@@ -126,6 +142,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                          f"{plan_ms:.0f}" if p is ours else "", mix(p)])
     for line in _table(rows, right={0, 1, 3, 4, 5, 6, 7, 9}):
         print(line, file=out)
+    print(f"\nmix: {LEGEND}", file=out)
     if notes:
         print(file=out)
     for note in notes:

@@ -15,7 +15,7 @@ def whatif_rows(argv):
     lines = out.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("budget"))
     return lines[start], [line for line in lines[start + 1:] if line.strip()
-                          and not line.startswith("plan at")]
+                          and not line.startswith(("plan at", "mix:"))]
 
 
 def test_whatif_prints_the_four_contenders():
@@ -56,3 +56,16 @@ def test_import_scheduler_loads_neither_torch_nor_offload():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_whatif_reads_host_budgets_as_the_library_does_and_says_what_the_codes_mean():
+    out = io.StringIO()
+    assert whatif.main(["--model", "llama3-8b", "--seq", "4096", "--hardware", "h100-pcie",
+                        "--budgets", "50", "--host-budget", "16GiB"], out=out) == 0
+    text = out.getvalue()
+    assert "host budget 16.0 GiB" in text
+    assert "mix: K keep, O offload" in text and "Ri recompute with its inputs offloaded" in text
+    bad = subprocess.run([sys.executable, "-m", "scheduler.whatif", "--model", "llama3-8b", "--seq", "4096",
+                          "--hardware", "h100-pcie", "--host-budget", "12Gb"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "lower-case 'b' means bits" in bad.stderr
