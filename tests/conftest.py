@@ -121,3 +121,12 @@ def _collect_after_each_test():
     next forward, at close(), or when the checkpointer dies) cannot reach into another test."""
     yield
     gc.collect()
+
+
+def assert_same_training(ref, got, steps: int) -> None:
+    """Two framework runs, each (losses per step, trained weights by name, ...), are bitwise equal."""
+    assert len(ref[0]) == len(got[0]) == steps
+    for s, (a, b) in enumerate(zip(ref[0], got[0])):
+        assert torch.equal(a, b), f"step {s}: loss {a.item()} != {b.item()}"
+    for name, w in ref[1].items():
+        assert torch.equal(w, got[1][name]), f"trained weight {name} differs"

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from offload import HybridCheckpointer, OffloadError, Report  # noqa: E402
 from offload.integrations.hf import OffloadCallback  # noqa: E402
 
-from .conftest import mixed  # noqa: E402
+from .conftest import assert_same_training, mixed  # noqa: E402
 
 VOCAB, SEQ, HIDDEN, LAYERS, STEPS = 256, 64, 64, 3, 3
 
@@ -59,14 +59,6 @@ def plain(tmp_path_factory):
     return fit(tmp_path_factory.mktemp("plain"))
 
 
-def assert_same(ref, got) -> None:
-    assert len(ref[0]) == len(got[0]) == STEPS
-    for s, (a, b) in enumerate(zip(ref[0], got[0])):
-        assert torch.equal(a, b), f"step {s}: loss {a.item()} != {b.item()}"
-    for name, w in ref[1].items():
-        assert torch.equal(w, got[1][name]), f"trained weight {name} differs"
-
-
 @pytest.mark.parametrize("policy", [mixed, "recompute"], ids=["mixed", "recompute"])
 def test_trainer_with_the_callback_is_bitwise_equal(tmp_path, plain, policy):
     reports = []
@@ -76,7 +68,7 @@ def test_trainer_with_the_callback_is_bitwise_equal(tmp_path, plain, policy):
         return OffloadCallback(hc, on_report=lambda step, report: reports.append((step, report)))
 
     got = fit(tmp_path, callback_for)
-    assert_same(plain, got)
+    assert_same_training(plain, got, STEPS)
     callback = got[3]
     assert [step for step, _ in reports] == list(range(1, STEPS + 1))
     assert all(isinstance(r, Report) for _, r in reports) and callback.report is reports[-1][1]

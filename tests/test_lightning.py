@@ -14,7 +14,7 @@ from bench.gpt import make_batch  # noqa: E402
 from offload import HybridCheckpointer, OffloadError, Report  # noqa: E402
 from offload.integrations.lightning import OffloadCallback  # noqa: E402
 
-from .conftest import MIN_OFFLOAD, TINY, mixed, tiny_gpt  # noqa: E402
+from .conftest import MIN_OFFLOAD, TINY, assert_same_training, mixed, tiny_gpt  # noqa: E402
 
 STEPS = 3
 pytestmark = [pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
@@ -68,21 +68,13 @@ def plain():
     return fit(Lit())
 
 
-def assert_same(ref, got) -> None:
-    assert len(ref[0]) == len(got[0]) == STEPS
-    for s, (a, b) in enumerate(zip(ref[0], got[0])):
-        assert torch.equal(a, b), f"step {s}: loss {a.item()} != {b.item()}"
-    for name, w in ref[1].items():
-        assert torch.equal(w, got[1][name]), f"trained weight {name} differs"
-
-
 @pytest.mark.parametrize("policy", [mixed, "offload"], ids=["mixed", "offload"])
 def test_lightning_with_the_callback_is_bitwise_equal(plain, policy):
     lit = Lit()
     hc = HybridCheckpointer(lit.model, policy=policy, min_offload_bytes=MIN_OFFLOAD, host_budget="64MiB")
     reports = []
     callback = OffloadCallback(hc, on_report=lambda step, report: reports.append((step, report)))
-    assert_same(plain, fit(lit, [callback]))
+    assert_same_training(plain, fit(lit, [callback]), STEPS)
     assert [step for step, _ in reports] == list(range(1, STEPS + 1))
     assert all(isinstance(r, Report) for _, r in reports) and callback.report is reports[-1][1]
     assert callback.report.offloaded_bytes > 0
@@ -95,7 +87,7 @@ def test_a_lightning_module_calling_itself_can_be_the_model(plain):
     lit = Lit(through_self=True)
     hc = HybridCheckpointer(lit, policy="recompute", host_budget="64MiB")
     assert [r.name for r in hc.regions] == [f"model.transformer.h.{i}" for i in range(4)]
-    assert_same(plain, fit(lit, [OffloadCallback(hc)]))
+    assert_same_training(plain, fit(lit, [OffloadCallback(hc)]), STEPS)
     assert hc.stats.replays == 4
     hc.close()
 
