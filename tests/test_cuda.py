@@ -1,6 +1,7 @@
 """CUDA-only checks of the stream rules (Rule 2) and of real device memory. They skip at run time
 without a GPU; run them where one is lent: `python -m pytest tests/test_cuda.py -m cuda`."""
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -92,10 +93,11 @@ def test_offload_moves_memory_from_device_to_host():
         hc = HybridCheckpointer(model, policy=policy, host_budget="4GiB")
         train(model, hc, steps=1, batch=16)
         idx, tgt = make_batch(BIG, 16, device=dev)
+        gc.collect()  # nothing of an earlier run may be freed inside the measured forward
         with PeakMemory(dev) as pm:
             base = torch.cuda.memory_allocated(dev)
             with hc:
-                _, loss = model(idx, tgt)
+                logits, loss = model(idx, tgt)
             torch.cuda.synchronize(dev)
             hc.backend.poll()  # finished copies release their sources
             torch.empty(1, device=dev)  # lets the allocator retire blocks freed under record_stream
@@ -103,7 +105,10 @@ def test_offload_moves_memory_from_device_to_host():
             loss.backward()
         peaks[policy] = pm.peak_bytes
         moved[policy] = hc.stats.offloaded_bytes
-        del loss
+        # The logits' graph reaches the parameters (and their gradients) through its
+        # AccumulateGrad nodes: kept to the next run, they were freed inside its measured forward,
+        # which read as ~170 MB more saved than moved on the H200.
+        del logits, loss, model, hc
     assert moved["keep"] == 0 and moved["offload"] > 0
     saved = held["keep"] - held["offload"]
     assert abs(saved - moved["offload"]) <= 0.05 * moved["offload"], (held, moved)

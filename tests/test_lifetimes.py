@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -566,3 +567,22 @@ def test_a_short_soak_grows_nothing(tmp_path):
         assert end["tensors"] <= early["tensors"], r
         assert end["objects"] - early["objects"] <= 10, r
         assert end["blocks"] - early["blocks"] <= 2 * forwards, r  # the leaks fixed here cost 5-100 a forward
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_dropping_model_and_checkpointer_frees_them_without_the_collector(policy):
+    """`del model, hc` returns the model's memory at once, as for a plain model: no reference
+    cycle through the runtime (auto's policy pointed back at its runtime) waits for gc."""
+    warm = tiny_gpt()  # a first profiler start imports Dynamo, whose import frames form a cycle once
+    train(warm, HybridCheckpointer(warm, policy="auto", min_offload_bytes=MIN_OFFLOAD), steps=2)
+    gc.collect()
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy=policy, min_offload_bytes=MIN_OFFLOAD)
+    train(model, hc, steps=3)
+    gone = [weakref.ref(model), weakref.ref(hc)]
+    gc.disable()
+    try:
+        del model, hc
+        assert [r() is None for r in gone] == [True, True]
+    finally:
+        gc.enable()

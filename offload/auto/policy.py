@@ -63,7 +63,10 @@ class AutoPolicy(Policy):
     """The scheduler's plan, one per input-shape signature."""
 
     def __init__(self, runtime: "Runtime"):
-        self.runtime = runtime
+        # A proxy: the runtime owns this policy, and a strong reference back would make a cycle
+        # that keeps the user's model (and its device memory) alive after `del model, hc` until
+        # the garbage collector happens to run.
+        self.runtime = weakref.proxy(runtime)
         self.plans: dict[str, Plan] = {}
         self.profiles: dict = {}
         self.reserves: dict[str, int] = {}
