@@ -40,6 +40,8 @@ def _dtensor_class() -> type | None:
 
 def local_shard(t: torch.Tensor) -> torch.Tensor | None:
     """The local tensor holding a DTensor's data on this rank; None for any other tensor."""
+    if type(t) is torch.Tensor:  # the common case, asked several times per saved tensor
+        return None
     cls = _dtensor_class()
     if cls is None or not isinstance(t, cls):
         return None
