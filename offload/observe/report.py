@@ -27,6 +27,7 @@ class Report:
     policy: str
     backend: str
     forwards: int
+    in_flight: int  # the most of the step's forwards in flight at once (pipeline micro-batches)
     # what happened to the saved activations
     kept_bytes: int
     offloaded_bytes: int
@@ -115,6 +116,7 @@ class Report:
                                        if predicted["peak_bytes"] else None)
         return cls(
             step=s.step, policy=str(rt.settings.policy_name), backend=backend.name, forwards=s.forwards,
+            in_flight=s.in_flight,
             kept_bytes=s.kept_bytes, offloaded_bytes=s.offloaded_bytes, recomputed_bytes=s.recomputed_bytes,
             fallback_count=s.fallback_count, fallback_bytes=s.fallback_bytes,
             step_s=step_s, forward_s=sum(sp.end - sp.start for sp in fwd),
@@ -170,7 +172,8 @@ class Report:
         moved = self.offloaded_bytes > 0
         overlap = "n/a (nothing moved)" if self.overlap_fraction is None else f"{self.overlap_fraction:.0%}"
         rows = [
-            ("step", f"{self.step} ({self.forwards} forward(s)), policy={self.policy}, backend={self.backend}"),
+            ("step", f"{self.step} ({self.forwards} forward(s){_in_flight(self.in_flight)}), "
+                     f"policy={self.policy}, backend={self.backend}"),
             ("step time", f"{_ms(self.step_s)} (forward {_ms(self.forward_s)}, backward {_ms(self.backward_s)}, "
                           f"recompute {_ms(self.recompute_s)} in {self.replays} replays)"),
             ("device budget", fmt_bytes(self.device_budget)
@@ -280,3 +283,8 @@ def _param_and_grad_bytes(model) -> tuple[int | None, int | None]:
             g = local(p.grad)
             grads[StorageWeakRef(g.untyped_storage())] = g.untyped_storage().nbytes()
     return sum(params.values()), sum(grads.values())
+
+
+def _in_flight(n: int) -> str:
+    """", at most N in flight" when forwards overlapped (pipeline micro-batches)."""
+    return f", at most {n} in flight" if n > 1 else ""
