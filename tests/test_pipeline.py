@@ -31,11 +31,11 @@ def small() -> tuple[Stage, torch.Tensor]:
     return Stage(0), torch.randn(MB, SEQ, WIDTH)
 
 
-def run_order(order: str, steps: int = 2):
+def run_order(order: str, steps: int = 2, policy: str = "keep", **kw):
     """Forwards ("F") and backwards ("B", oldest first) of a stage attached to a checkpointer
-    in `order`, `steps` times; the report after each step's last backward."""
+    in `order`, `steps` times; the report after each step's last backward, and the plan."""
     model, x = small()
-    hc = HybridCheckpointer(model, policy="keep")
+    hc = HybridCheckpointer(model, policy=policy, min_offload_bytes=0, host_budget="64MiB", **kw)
     reports = []
     try:
         with hc.attach(model):
@@ -47,9 +47,9 @@ def run_order(order: str, steps: int = 2):
                     else:
                         losses.pop(0).backward()
                 reports.append(hc.report())
+        return reports, hc.plan
     finally:
         hc.close()
-    return reports
 
 
 @pytest.mark.parametrize("order, forwards, in_flight", [
@@ -58,7 +58,7 @@ def run_order(order: str, steps: int = 2):
     ("F F F B F B B B", 4, 3),  # 1F1B, the first of three stages
 ])
 def test_micro_batches_in_flight_make_one_step(order, forwards, in_flight):
-    reports = run_order(order)
+    reports, _ = run_order(order)
     for step, r in enumerate(reports, start=1):
         assert (r.step, r.forwards, r.in_flight) == (step, forwards, in_flight)
 
@@ -66,7 +66,7 @@ def test_micro_batches_in_flight_make_one_step(order, forwards, in_flight):
 def test_forward_backward_pairs_are_a_step_each():
     """Gradient accumulation (and the last stage of 1F1B): nothing in flight when a forward
     starts, so each forward begins a step, as before pipelines."""
-    reports = run_order("F B F B")
+    reports, _ = run_order("F B F B")
     assert [(r.step, r.forwards, r.in_flight) for r in reports] == [(2, 1, 1), (4, 1, 1)]
 
 
@@ -85,6 +85,20 @@ def test_a_graph_never_backpropagated_does_not_hold_the_step_open():
         assert (r.step, r.forwards, r.in_flight) == (3, 1, 1)
     finally:
         hc.close()
+
+
+def test_auto_plans_for_every_micro_batch_in_flight():
+    """GPipe's order, 4 micro-batches: under half of keep's measured peak, auto's plan counts the
+    4 in flight (the stage's predicted peak, not one micro-batch's) and the measured peak fits;
+    the report compares the plan's per-forward predictions per forward."""
+    keep = run_order("F F F F B B B B", steps=1)[0][-1]
+    budget = keep.saved_peak_bytes // 2
+    reports, plan = run_order("F F F F B B B B", steps=3, policy="auto", device_budget=budget)
+    r = reports[-1]
+    assert (r.forwards, r.in_flight) == (4, 4)
+    assert any("4 micro-batches in flight" in note for note in plan.notes), plan.notes
+    assert r.saved_peak_bytes <= budget < keep.saved_peak_bytes
+    assert "per forward of 4" in str(r)
 
 
 # -- torch.distributed.pipelining, gloo ----------------------------------------------------------------

@@ -111,7 +111,11 @@ class Report:
         budget = rt.device_budget()
         predicted = rt.policy.prediction()
         if predicted is not None:
-            predicted["step_error"] = step_s / predicted["step_s"] - 1 if step_s and predicted["step_s"] else None
+            # The plan predicts one forward's step and bytes (and, with forwards in flight, the
+            # stage's peak): a step of several forwards (micro-batches) is compared per forward.
+            per = max(1, s.forwards)
+            predicted["step_error"] = (step_s / per / predicted["step_s"] - 1
+                                       if step_s and predicted["step_s"] else None)
             predicted["peak_error"] = (s.saved_peak_bytes / predicted["peak_bytes"] - 1
                                        if predicted["peak_bytes"] else None)
         return cls(
@@ -206,16 +210,18 @@ class Report:
         if self.param_bytes is not None:
             rows.append(("parameters / gradients", f"{fmt_bytes(self.param_bytes)} / {fmt_bytes(self.grad_bytes)}"))
         if self.predicted:
-            p = self.predicted
-            rows.append(("plan: step predicted / measured", f"{_ms(p['step_s'])} / {_ms(self.step_s)} "
-                                                            f"({fmt_error(self.step_s, p['step_s'])})"))
+            p, per = self.predicted, max(1, self.forwards)
+            each = f" per forward of {per}" if per > 1 else ""
+            step = None if self.step_s is None else self.step_s / per
+            rows.append(("plan: step predicted / measured", f"{_ms(p['step_s'])} / {_ms(step)}{each} "
+                                                            f"({fmt_error(step, p['step_s'])})"))
             rows.append(("plan: peak predicted / measured", f"{fmt_bytes(p['peak_bytes'])} / "
                                                             f"{fmt_bytes(self.saved_peak_bytes)} "
                                                             f"({fmt_error(self.saved_peak_bytes, p['peak_bytes'])})"))
             rows.append(("plan: offloaded predicted / measured", f"{fmt_bytes(p['offloaded_bytes'])} / "
-                                                                 f"{fmt_bytes(self.offloaded_bytes)}"))
+                                                                 f"{fmt_bytes(self.offloaded_bytes // per)}{each}"))
             rows.append(("plan: recomputed predicted / measured", f"{fmt_bytes(p['recomputed_bytes'])} / "
-                                                                  f"{fmt_bytes(self.recomputed_bytes)}"))
+                                                                  f"{fmt_bytes(self.recomputed_bytes // per)}{each}"))
         if self.monitor is not None:
             m = self.monitor
             if m.get("nvml_available"):
