@@ -8,6 +8,7 @@ import logging
 
 from .exact import plan_exact
 from .hardware import PRESETS, Hardware, get_hardware
+from .inflight import plan_in_flight
 from .plan import Action, Plan, SegmentPlan
 from .planner import backward_reserve, plan, plan_uniform
 from .prefetch import issue_order, lookahead
@@ -20,7 +21,7 @@ __all__ = [
     # hardware figures
     "Hardware", "PRESETS", "get_hardware",
     # planning
-    "plan", "plan_exact", "plan_uniform", "backward_reserve", "lookahead", "issue_order",
+    "plan", "plan_exact", "plan_uniform", "plan_in_flight", "backward_reserve", "lookahead", "issue_order",
     # prediction
     "simulate", "Timeline", "Interval",
 ]

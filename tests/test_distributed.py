@@ -38,12 +38,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 
-def launch(out: Path, cases: str) -> list[dict]:
-    """Run the worker's `cases` on 2 ranks (torchrun --standalone picks a free port); the rank reports."""
+def launch(out: Path, cases: str, world: int = WORLD) -> list[dict]:
+    """Run the worker's `cases` on `world` ranks (torchrun --standalone picks a free port); the
+    rank reports."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            str(WORKER), "--out", str(out), "--cases", cases]
     t0 = time.monotonic()
     try:
@@ -52,7 +53,7 @@ def launch(out: Path, cases: str) -> list[dict]:
         pytest.fail(f"torchrun timed out after 300 s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
     log = f"$ {' '.join(cmd)}\nexit {proc.returncode} after {time.monotonic() - t0:.1f} s\n" \
           f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-12000:]}"
-    files = [out / f"rank{r}.json" for r in range(WORLD)]
+    files = [out / f"rank{r}.json" for r in range(world)]
     if proc.returncode != 0 or not all(f.exists() for f in files):
         pytest.fail(f"the distributed worker failed:\n{log}", pytrace=False)
     return [json.loads(f.read_text()) for f in files]

@@ -10,6 +10,13 @@ Per input-shape signature (the shapes and dtypes of the model's inputs):
   3. a forward whose saved tensors differ from the profile (data-dependent shapes) still runs
      correctly (the plan only ever changes where bytes live), and its signature is profiled again.
 
+Pipeline stages (`hc.attach(stage_module)` under a `torch.distributed.pipelining` schedule): each
+micro-batch's forward is a forward, several are in flight at once, and their backwards come in
+the schedule's order. The profiled forward is timed on its own marks (`ForwardPass.timeline`),
+not the step's, which interleaves every micro-batch; and the plan is made for the most forwards
+seen in flight at once (`Runtime.max_in_flight`), so the device and host budgets cover every
+live micro-batch (scheduler.inflight).
+
 Under tensor parallelism every rank of the meshes the profiled forward saved DTensors on runs one
 plan, made under the ranks' smallest budget: a region recomputed on one rank and not on another
 would pair the collectives of its replay with other collectives (a hang or wrong gradients).
@@ -22,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scheduler import Plan, backward_reserve as scheduler_reserve, plan as make_plan
+from scheduler import Plan, backward_reserve as scheduler_reserve, plan_in_flight
 from scheduler.plan import Action, SegmentPlan
 
 from ..transfer.linkprobe import measure_link
@@ -70,7 +77,7 @@ class AutoPolicy(Policy):
         self.plans: dict[str, Plan] = {}
         self.profiles: dict = {}
         self.reserves: dict[str, int] = {}
-        self._pending: tuple | None = None  # (forward, stats, signature) awaiting its backward
+        self._pending: tuple | None = None  # (forward, signature) awaiting its backward
         self._warm: dict[str, int] = {}  # signature -> profiling forwards seen
         self._signature = ""
         self._plan: Plan | None = None  # the plan this forward runs; None while profiling
@@ -146,7 +153,7 @@ class AutoPolicy(Policy):
             seen = self._warm.get(self._signature, 0)
             self._warm[self._signature] = seen + 1
             if seen >= WARMUP_FORWARDS:
-                self._pending = (forward, forward.stats, self._signature)
+                self._pending = (forward, self._signature)
             return
         profile = self.profiles[self._signature]
         seen = {(r.id, r.nbytes) for r in forward.records}
@@ -159,8 +166,8 @@ class AutoPolicy(Policy):
     def _finish_pending(self) -> None:
         if self._pending is None:
             return
-        forward, stats, signature = self._pending
-        timeline = stats.timeline
+        forward, signature = self._pending
+        timeline = forward.timeline  # its own marks: other micro-batches may run in between
         if not timeline.backward or any(end is None for _, end in timeline.backward):
             return  # its backward has not run yet
         self._pending = None
@@ -172,7 +179,9 @@ class AutoPolicy(Policy):
         if forward.meshes:  # tensor parallelism: the ranks of a mesh plan alike (dtensor.py)
             budget = smallest_over(forward.meshes, budget)
         reserve = min(backward_reserve(profile, rt.settings.model), budget // 2)
-        plan = make_plan(profile, budget - reserve, rt.settings.host_budget, keep_last=rt.settings.keep_last)
+        live = max(1, rt.max_in_flight)  # pipeline micro-batches in flight at once
+        plan = plan_in_flight(profile, budget - reserve, rt.settings.host_budget, live,
+                              keep_last=rt.settings.keep_last)
         if forward.meshes:
             plan = first_rank_value(forward.meshes, plan)
         for note in plan.notes:
@@ -190,9 +199,9 @@ class AutoPolicy(Policy):
         rt.pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
         self.reserves[signature] = reserve
         log.info("auto plan for %s: %s; predicted step %.2f ms, peak %.1f MiB (budget %.1f MiB, "
-                 "%.1f MiB of it reserved for backward)", signature or "(no inputs)", plan_mix(plan),
-                 plan.predicted_step_s * 1e3, plan.predicted_peak_bytes / 2**20, budget / 2**20,
-                 reserve / 2**20)
+                 "%.1f MiB of it reserved for backward; %d forward(s) in flight)", signature or "(no inputs)",
+                 plan_mix(plan), plan.predicted_step_s * 1e3, plan.predicted_peak_bytes / 2**20, budget / 2**20,
+                 reserve / 2**20, live)
 
     # -- decisions -----------------------------------------------------------------------------
     def region(self, site: RegionSite, segment: int) -> SegmentPlan:

@@ -31,6 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
+from ..observe.timeline import Timeline
 from .dtensor import data_of, spec_of, storage
 from .errors import OffloadError, warn
 from .handles import HostCopy, KeepHandle, OffloadHandle
@@ -109,6 +110,10 @@ class ForwardPass:
         self.stats: "StepStats | None" = None  # the step's, once the forward saves something
         # Alive while any handle of this forward is (each holds it); the runtime holds it weakly.
         self.token: GraphToken | None = GraphToken()
+        self._token = weakref.ref(self.token)  # after close, alive only while a handle is
+        # This forward's own marks (its forward, the backward passes through its graph, its
+        # replays); the step's timeline holds every forward's: auto profiles one forward of many.
+        self.timeline = Timeline()
         self.pack_index = 0
         self.region_calls = 0
         self.depth = 0  # region nesting: an inner region is part of the outer one
@@ -197,7 +202,7 @@ class ForwardPass:
             seg.frame = RecomputeFrame(
                 seg.name, region.module, args, kwargs, self.device,
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.rt.replay_guard,
-                on_replay=self.stats.add_replay, mark=self.backend.mark, habits=self.rt.habits.of(region.module))
+                on_replay=self._replayed, mark=self.backend.mark, habits=self.rt.habits.of(region.module))
             if self.settings.op_policy is not None:
                 seg.frame.store = OpStore()
                 seg.mode = SaveOps(self.settings.op_policy, seg.frame.store,
@@ -258,8 +263,9 @@ class ForwardPass:
                 else:
                     self.stats.add_saved(seg.index, seg.name, action, nbytes)
             seg.saved.clear()
-            self.stats.timeline.add_compute("forward", seg.name, seg.forward_start, seg.forward_end)
-        self.stats.timeline.tail_label = self.segments[-1].name
+            for timeline in (self.stats.timeline, self.timeline):
+                timeline.add_compute("forward", seg.name, seg.forward_start, seg.forward_end)
+        self.stats.timeline.tail_label = self.timeline.tail_label = self.segments[-1].name
         return True
 
     # -- pack --------------------------------------------------------------------------------------
@@ -303,7 +309,7 @@ class ForwardPass:
         return KeepHandle(t, seg.name, self.token)
 
     def unpack(self, handle) -> torch.Tensor:
-        self.rt.note_backward(self.stats)
+        self._note_backward()
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
@@ -420,6 +426,13 @@ class ForwardPass:
             self.stats.add_small(nbytes)
 
     # -- backward ----------------------------------------------------------------------------------
+    def _note_backward(self) -> None:
+        self.rt.note_backward(self.stats, self._token(), self.timeline)
+
+    def _replayed(self, name: str, start: object, end: object, refilled: list) -> None:
+        self.stats.add_replay(name, start, end, refilled)
+        self.timeline.add_compute("recompute", name, start, end)
+
     def _backward_hook(self, seg_index: int):
         # The graph holds this forward's segments (not its handles) until backward is done with it.
         def hook(grad_outputs):
@@ -431,9 +444,11 @@ class ForwardPass:
         """Backward is about to enter region segment `seg_index`: issue the reloads of every segment
         down to `seg_index - d` (d in segments; a region call and the gap after it are two), in
         reverse pack order. Rule 2: each reload still waits for its own D2H event."""
-        self.rt.note_backward(self.stats)
+        self._note_backward()
         seg = self.segments[seg_index]
-        self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
+        mark = self.backend.mark()
+        self.stats.timeline.add_region_backward(seg.name, mark)
+        self.timeline.add_region_backward(seg.name, mark)
         if self.rt.backward_marker is not None:
             self.rt.backward_marker(seg.name)
         d = self.lookahead

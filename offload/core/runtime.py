@@ -19,6 +19,7 @@ from torch import nn
 from ..observe.hostmem import available_host_bytes
 from ..observe.residency import Residency
 from ..observe.stats import StepStats
+from ..observe.timeline import Timeline
 from ..transfer.backend import TransferBackend
 from ..transfer.hostpool import HostPool
 from .errors import warn
@@ -53,9 +54,15 @@ class Settings:
 class GraphToken:
     """One forward's liveness: every handle the forward packs holds it, the runtime only a weak
     reference, so it dies when the last of the forward's handles does (its graph was freed,
-    backpropagated or not)."""
+    backpropagated or not). It also says where the forward stands in its step: its place
+    (`index`, from 0) and whether a backward has reached its graph."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "step", "index", "backpropagated")
+
+    def __init__(self) -> None:
+        self.step = 0  # the step it joined (0: none yet)
+        self.index = -1  # its place among the step's forwards
+        self.backpropagated = False
 
 
 class Runtime:
@@ -76,7 +83,10 @@ class Runtime:
         self.step_listeners: list[weakref.WeakMethod] = []  # called with each finished step
         self.stats = self._new_stats(1)
         self.backward_seen = False
-        self.step_graphs: list[weakref.ref] = []  # GraphTokens of this step's forwards
+        self.step_graphs: list[weakref.ref] = []  # GraphTokens of this step's live forwards
+        self.step_forwards = 0  # forwards that joined this step
+        self.last_backpropagated = -1  # the latest (by index) of this step's forwards backward reached
+        self.max_in_flight = 0  # the most forwards in flight at once seen in any step
         self.warned_cache = False
         self.warned_fallback = False
         self.backward_marker: Callable[[str | None], None] | None = None  # told each segment's backward start
@@ -86,12 +96,31 @@ class Runtime:
         """A forward starts saving tensors: the step it belongs to (Rule 9: every per-step
         structure lives in one `StepStats`, so nothing outlives the step).
 
-        A new step begins after a backward, and after forwards whose graphs all died unused
-        (evaluation with grad on): those will never see a backward."""
-        if self.backward_seen or (self.step_graphs and all(g() is None for g in self.step_graphs)):
+        A step is the forwards whose graphs overlap: a new one begins when a backward has run
+        and no forward of the step is still in flight, and after forwards whose graphs all died
+        unused (evaluation with grad on): those will never see a backward. A forward is in flight
+        while its graph lives, no backward has reached it, and none has reached a later forward
+        of the step either (a graph held and never backpropagated does not hold the step open).
+        So gradient accumulation (forward, backward, forward ...) gives a step per forward, and
+        a pipeline schedule that runs micro-batches' forwards ahead of their backwards (GPipe,
+        1F1B on all but the last stage) one step per schedule step."""
+        self.step_graphs = [g for g in self.step_graphs if g() is not None]  # bounded by live graphs
+        in_flight = self.in_flight()
+        if (self.backward_seen and not in_flight) or (self.step_forwards and not self.step_graphs):
             self.begin_step()
+            in_flight = 0
+        token.step, token.index = self.stats.step, self.step_forwards
+        self.step_forwards += 1
         self.step_graphs.append(weakref.ref(token))
+        live = in_flight + 1
+        self.stats.in_flight = max(self.stats.in_flight, live)
+        self.max_in_flight = max(self.max_in_flight, live)
         return self.stats
+
+    def in_flight(self) -> int:
+        """This step's forwards in flight now (see `join_step`)."""
+        return sum(1 for g in self.step_graphs if (t := g()) is not None and not t.backpropagated
+                   and t.index > self.last_backpropagated)
 
     def begin_step(self) -> None:
         """A forward after a backward starts a new step (steps are numbered from 1)."""
@@ -107,6 +136,8 @@ class Runtime:
         self.backend.new_step()
         self.backward_seen = False
         self.step_graphs.clear()
+        self.step_forwards = 0
+        self.last_backpropagated = -1
 
     def _new_stats(self, step: int) -> StepStats:
         stats = StepStats(step=step, saved_series=self.residency.start_step(), residency=self.residency)
@@ -123,14 +154,24 @@ class Runtime:
         s.saved_kind_peaks = dict(res.kind_peaks)
         return s
 
-    def note_backward(self, stats: StepStats) -> None:
-        """A backward touched this runtime's graph: time it, once per backward pass."""
+    def note_backward(self, stats: StepStats, token: GraphToken | None = None,
+                      own: Timeline | None = None) -> None:
+        """A backward touched the graph of the forward `token` stands for: time it, once per
+        backward pass, on the step's timeline and on the forward's `own` one."""
         self.backward_seen = True
-        timeline = stats.timeline
+        if token is not None and not token.backpropagated:
+            token.backpropagated = True
+            if token.step == stats.step == self.stats.step:
+                self.last_backpropagated = max(self.last_backpropagated, token.index)
+        self._time_backward(stats.timeline, self.backward_marker)
+        if own is not None:
+            self._time_backward(own, None)
+
+    def _time_backward(self, timeline: Timeline, marker: Callable[[str | None], None] | None) -> None:
+        """Open a backward entry on `timeline` unless one is open; the end of the pass closes it."""
         if timeline.backward and timeline.backward[-1][1] is None:
             return
         entry = timeline.open_backward(self.backend.mark())
-        marker = self.backward_marker
         if marker is not None:
             marker(timeline.tail_label)
 

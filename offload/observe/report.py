@@ -27,6 +27,7 @@ class Report:
     policy: str
     backend: str
     forwards: int
+    in_flight: int  # the most of the step's forwards in flight at once (pipeline micro-batches)
     # what happened to the saved activations
     kept_bytes: int
     offloaded_bytes: int
@@ -110,11 +111,16 @@ class Report:
         budget = rt.device_budget()
         predicted = rt.policy.prediction()
         if predicted is not None:
-            predicted["step_error"] = step_s / predicted["step_s"] - 1 if step_s and predicted["step_s"] else None
+            # The plan predicts one forward's step and bytes (and, with forwards in flight, the
+            # stage's peak): a step of several forwards (micro-batches) is compared per forward.
+            per = max(1, s.forwards)
+            predicted["step_error"] = (step_s / per / predicted["step_s"] - 1
+                                       if step_s and predicted["step_s"] else None)
             predicted["peak_error"] = (s.saved_peak_bytes / predicted["peak_bytes"] - 1
                                        if predicted["peak_bytes"] else None)
         return cls(
             step=s.step, policy=str(rt.settings.policy_name), backend=backend.name, forwards=s.forwards,
+            in_flight=s.in_flight,
             kept_bytes=s.kept_bytes, offloaded_bytes=s.offloaded_bytes, recomputed_bytes=s.recomputed_bytes,
             fallback_count=s.fallback_count, fallback_bytes=s.fallback_bytes,
             step_s=step_s, forward_s=sum(sp.end - sp.start for sp in fwd),
@@ -170,7 +176,8 @@ class Report:
         moved = self.offloaded_bytes > 0
         overlap = "n/a (nothing moved)" if self.overlap_fraction is None else f"{self.overlap_fraction:.0%}"
         rows = [
-            ("step", f"{self.step} ({self.forwards} forward(s)), policy={self.policy}, backend={self.backend}"),
+            ("step", f"{self.step} ({self.forwards} forward(s){_in_flight(self.in_flight)}), "
+                     f"policy={self.policy}, backend={self.backend}"),
             ("step time", f"{_ms(self.step_s)} (forward {_ms(self.forward_s)}, backward {_ms(self.backward_s)}, "
                           f"recompute {_ms(self.recompute_s)} in {self.replays} replays)"),
             ("device budget", fmt_bytes(self.device_budget)
@@ -203,16 +210,18 @@ class Report:
         if self.param_bytes is not None:
             rows.append(("parameters / gradients", f"{fmt_bytes(self.param_bytes)} / {fmt_bytes(self.grad_bytes)}"))
         if self.predicted:
-            p = self.predicted
-            rows.append(("plan: step predicted / measured", f"{_ms(p['step_s'])} / {_ms(self.step_s)} "
-                                                            f"({fmt_error(self.step_s, p['step_s'])})"))
+            p, per = self.predicted, max(1, self.forwards)
+            each = f" per forward of {per}" if per > 1 else ""
+            step = None if self.step_s is None else self.step_s / per
+            rows.append(("plan: step predicted / measured", f"{_ms(p['step_s'])} / {_ms(step)}{each} "
+                                                            f"({fmt_error(step, p['step_s'])})"))
             rows.append(("plan: peak predicted / measured", f"{fmt_bytes(p['peak_bytes'])} / "
                                                             f"{fmt_bytes(self.saved_peak_bytes)} "
                                                             f"({fmt_error(self.saved_peak_bytes, p['peak_bytes'])})"))
             rows.append(("plan: offloaded predicted / measured", f"{fmt_bytes(p['offloaded_bytes'])} / "
-                                                                 f"{fmt_bytes(self.offloaded_bytes)}"))
+                                                                 f"{fmt_bytes(self.offloaded_bytes // per)}{each}"))
             rows.append(("plan: recomputed predicted / measured", f"{fmt_bytes(p['recomputed_bytes'])} / "
-                                                                  f"{fmt_bytes(self.recomputed_bytes)}"))
+                                                                  f"{fmt_bytes(self.recomputed_bytes // per)}{each}"))
         if self.monitor is not None:
             m = self.monitor
             if m.get("nvml_available"):
@@ -280,3 +289,8 @@ def _param_and_grad_bytes(model) -> tuple[int | None, int | None]:
             g = local(p.grad)
             grads[StorageWeakRef(g.untyped_storage())] = g.untyped_storage().nbytes()
     return sum(params.values()), sum(grads.values())
+
+
+def _in_flight(n: int) -> str:
+    """", at most N in flight" when forwards overlapped (pipeline micro-batches)."""
+    return f", at most {n} in flight" if n > 1 else ""

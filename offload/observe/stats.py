@@ -1,7 +1,8 @@
 """Counters of one training step: what was kept, moved, dropped, and how long compute waited.
 
-A step starts at the first `with hc:` forward after a backward and ends where the next one
-starts; several forwards before one backward are one step. Steps are numbered from 1. Unpack
+A step starts at the first `with hc:` forward after a backward once no forward is in flight
+(Runtime.join_step) and ends where the next one starts; several forwards before one backward
+are one step, and so are a pipeline schedule's micro-batches in flight together. Steps are numbered from 1. Unpack
 hooks run on autograd's threads (Rule 8), so every update takes the lock.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StepStats:
 
     step: int = 1
     forwards: int = 0
+    in_flight: int = 0  # the most of its forwards in flight at once (pipeline micro-batches)
     kept_bytes: int = 0
     offloaded_bytes: int = 0
     recomputed_bytes: int = 0

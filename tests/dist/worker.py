@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from bench.gpt import GPT, GPTConfig, make_batch  # noqa: E402
 from offload import Action, HybridCheckpointer, RegionSite  # noqa: E402
+from tests.dist.pipeline import pp_cases  # noqa: E402
 
 # The tests' tiny GPT (tests/conftest.py TINY): activations of 64-256 KiB cross MIN_OFFLOAD.
 CFG = GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.1)
@@ -454,7 +455,7 @@ def tp_cases(rank: int, world: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cases", default="ddp,fsdp2")
+    ap.add_argument("--cases", default="ddp,fsdp2")  # ddp, fsdp2, tp, pp, pp-1f1b
     args = ap.parse_args()
     torch.set_num_threads(1)  # two ranks on a small shared machine
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -466,7 +467,9 @@ def main() -> None:
     hc.close()
     try:
         for case in args.cases.split(","):
-            result.update({"ddp": ddp_cases, "fsdp2": fsdp2_cases, "tp": tp_cases}[case](rank, world))
+            cases = {"ddp": ddp_cases, "fsdp2": fsdp2_cases, "tp": tp_cases, "pp": pp_cases,
+                     "pp-1f1b": lambda r, w: pp_cases(r, w, ("1f1b",))}
+            result.update(cases[case](rank, world))
     finally:
         Path(args.out, f"rank{rank}.json").write_text(json.dumps(result, indent=1))
         dist.destroy_process_group()
