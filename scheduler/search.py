@@ -356,23 +356,44 @@ class Search:
                     break
         return state
 
-    def cover_deficit(self, state: State, greedy: bool = True) -> State:
+    def cover_deficit(self, state: State, greedy: bool = True,
+                      tabu: frozenset[int] = _NONE) -> State:
         """Step 4: moves by peak bytes freed (up to the deficit) per second added, until the
-        plan fits; `greedy` re-ranks after every costly move (else one ranking per pass)."""
-        def score(cur: State, cand: State) -> tuple[float, float] | None:
+        plan fits; `greedy` re-ranks after every costly move (else one ranking per pass);
+        tensors in `tabu` are not offloaded again. When that ends over budget (the cheap moves
+        taken first left the peak where only dear ones reach it), the most bytes freed first,
+        whatever they cost; the better of the two."""
+        def freed(cur: State, cand: State) -> tuple[Timeline, Timeline, int] | None:
             tl, new = self.eval(cur)[0], self.eval(cand)[0]
-            freed = tl.peak_device_bytes - new.peak_device_bytes
-            if freed <= 0 or new.peak_host_bytes > self.host_budget:
+            out = tl.peak_device_bytes - new.peak_device_bytes
+            if out <= 0 or new.peak_host_bytes > self.host_budget:
                 return None
-            useful = min(freed, max(1, tl.peak_device_bytes - self.device_budget))
-            return costmodel.freed_per_exposed_second(useful, new.step_s - tl.step_s), -freed
+            return tl, new, out
+
+        def score(cur: State, cand: State) -> tuple[float, float] | None:
+            got = freed(cur, cand)
+            if got is None:
+                return None
+            tl, new, out = got
+            useful = min(out, max(1, tl.peak_device_bytes - self.device_budget))
+            return costmodel.freed_per_exposed_second(useful, new.step_s - tl.step_s), -out
+
+        def most(cur: State, cand: State) -> tuple[float, float] | None:
+            got = freed(cur, cand)
+            return None if got is None else (got[2], got[0].step_s - got[1].step_s)
 
         def moves(cur: State) -> Iterator[Move]:
-            yield from self.all_moves(cur)
             deficit = self.eval(cur)[0].peak_device_bytes - self.device_budget
-            yield from self.cover_moves(cur, deficit)
-        return state if self.fits(state) else self.sweep(state, moves, score, self.fits,
-                                                         greedy=greedy)
+            for segs, add, drop in itertools.chain(self.all_moves(cur),
+                                                   self.cover_moves(cur, deficit)):
+                yield segs, (add - tabu if tabu else add), drop
+        if self.fits(state):
+            return state
+        cheap = self.sweep(state, moves, score, self.fits, greedy=greedy)
+        if self.fits(cheap):
+            return cheap
+        big = self.sweep(state, moves, most, self.fits, greedy=True)
+        return big if self.better(self.key(big), self.key(cheap)) else cheap
 
     def relax(self, state: State) -> State:
         """Step 5: from a plan that fits, undo moves by step seconds saved per byte of peak
@@ -428,13 +449,14 @@ class Search:
                 continue
             ranked.append(((self.replay_bound(cand[0]), k[0], k[1]), cand))
         ranked.sort(key=lambda r: r[0])
-        tries = [cand for _, cand in ranked[:COMPOUND_TRIES]]
+        tries = [(cand, _NONE) for _, cand in ranked[:COMPOUND_TRIES]]
         largest = sorted(state[1], key=lambda i: -self.sim.by_id[i].nbytes)[:COMPOUND_DROPS]
-        tries += [self.apply(state, ((), _NONE, frozenset((i,)))) for i in largest]
-        for cand in tries:
+        tries += [(self.apply(state, ((), _NONE, frozenset((i,)))), frozenset((i,)))
+                  for i in largest]  # a dropped tensor stays dropped while it re-covers
+        for cand, tabu in tries:
             if self.spent:
                 break
-            cand = self.relax(self.cover_deficit(cand, greedy=False))  # steps 4 and 5
+            cand = self.relax(self.cover_deficit(cand, greedy=False, tabu=tabu))  # steps 4, 5
             k = self.key(cand)
             if self.better(k, best_key):
                 best, best_key = cand, k

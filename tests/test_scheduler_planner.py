@@ -147,6 +147,35 @@ def test_offloads_the_small_tensor_and_recomputes_rather_than_copy_the_huge_one(
     assert whole.step_s > 2.8
 
 
+def stranded_profile():
+    """A generated adversarial case (seed 2, case 250), rounded: a 698 MB and a 208 MB tensor
+    in the embedding, a 0.71 GB/s link, 1431 MB of device budget and 1085 MB of host."""
+    fwd = (1.394, 7.460, 4.589, 3.989, 1.974, 5.138)  # ms
+    bwd = (2.960, 15.861, 8.134, 9.255, 3.670, 12.774)
+    inputs = (0, 4.7, 17.5, 95.6, 2.7, 0)  # MB
+    segs = tuple(SegmentRecord(i, f"s{i}", fwd[i] * 1e-3, bwd[i] * 1e-3, 0 < i < 5,
+                               int(inputs[i] * MB)) for i in range(6))
+    sizes = [(0, 1.8), (0, 208.5), (0, 13.3), (0, 698.0), (1, 39.8), (2, 6.4), (2, 257.6),
+             (2, 29.6), (3, 189.9), (3, 4.5), (3, 302.0), (3, 123.0), (4, 13.3), (5, 1.9),
+             (5, 23.8), (5, 27.5)]
+    tens = tuple(TensorRecord(i, s, int(mb * MB), i not in (5, 9, 13), 4 if i == 8 else -1)
+                 for i, (s, mb) in enumerate(sizes))
+    return Profile(segs, tens, bw_d2h=0.71e9, bw_h2d=0.95e9)
+
+
+def test_cover_by_bytes_when_the_cheap_moves_strand_the_search():
+    # Covering the deficit cheapest-first (recomputes) leaves a peak only the embedding's
+    # copies reach, so every search path used to end on the 698 MB copy (1.97 s, 2.4x the
+    # optimum). Keeping it and covering by the most bytes freed finds the optimum: copy the
+    # three other embedding tensors, recompute the blocks, 0.82 s.
+    p = stranded_profile()
+    result = plan(p, 1431 * MB, 1085 * MB)
+    assert mix(result) == "OIRIKK" and result.offload_ids == {0, 1, 2}
+    assert result.predicted_step_s == pytest.approx(0.821563, rel=1e-6)
+    exact = plan_exact(p, 1431 * MB, 1085 * MB, keep_last=1)
+    assert exact.predicted_step_s == pytest.approx(result.predicted_step_s)
+
+
 def knapsack_profile():
     """A 5 ms block saving 300, 200 and 150 MB early in forward, over a 10 GB/s link, then two
     400 MB blocks and a head."""
