@@ -233,14 +233,23 @@ class Search:
         return tuple(codes), ids
 
     def segment_moves(self, state: State) -> Iterator[Move]:
-        """Every change of one segment to another of its allowed actions (OFFLOAD: all)."""
+        """Every change of one segment to another of its allowed actions (OFFLOAD: all it may;
+        and, from a recompute, also the fewest bytes of it that drop as much as the replay
+        did: a knapsack swap of the replay for copies)."""
         codes, ids = state
-        for s in range(self.sim.n):
+        sim = self.sim
+        for s in range(sim.n):
             own = self.movable_ids[s]
             for c in self.actions[s]:
                 if c == OFFLOAD:
                     if not own <= ids:
                         yield ((s, OFFLOAD),), own, _NONE
+                    if codes[s] >= RECOMPUTE and len(own) > 1:
+                        dropped = sim.saved[s] - sim.cross[s] - (
+                            sim.input_bytes[s] if codes[s] == RECOMPUTE else 0)
+                        pick = frozenset(x.id for x in cover(list(self.movable[s]), dropped))
+                        if pick != own:
+                            yield ((s, OFFLOAD),), pick, _NONE
                 elif c != codes[s]:
                     yield ((s, c),), _NONE, _NONE
 
@@ -326,7 +335,8 @@ class Search:
         each low-memory seed, as far as the work bound allows; the best plan found, trimmed."""
         best = self.refine(start)
         seeds = [lambda: self.cover_deficit(self.fill_free_window(keep)),
-                 lambda: self.cover_deficit(keep)]
+                 lambda: self.cover_deficit(keep),
+                 lambda: self.cover_deficit(keep, big_first=True)]
         seeds += [lambda seed=seed: self.relax(seed) if self.fits(seed) else seed
                   for seed in self.low_memory_seeds()]
         for seed in seeds:
@@ -357,12 +367,14 @@ class Search:
         return state
 
     def cover_deficit(self, state: State, greedy: bool = True,
-                      tabu: frozenset[int] = _NONE) -> State:
+                      tabu: frozenset[int] = _NONE, big_first: bool = False) -> State:
         """Step 4: moves by peak bytes freed (up to the deficit) per second added, until the
         plan fits; `greedy` re-ranks after every costly move (else one ranking per pass);
-        tensors in `tabu` are not offloaded again. When that ends over budget (the cheap moves
-        taken first left the peak where only dear ones reach it), the most bytes freed first,
-        whatever they cost; the better of the two."""
+        tensors in `tabu` are not offloaded again. Among equally priced moves (those that add
+        no time, above all) the fewest bytes moved go first, or with `big_first` the most bytes
+        of the deficit covered. When that ends over budget (the cheap moves taken first left
+        the peak where only dear ones reach it), the most bytes freed first, whatever they
+        cost; the better of the two."""
         def freed(cur: State, cand: State) -> tuple[Timeline, Timeline, int] | None:
             tl, new = self.eval(cur)[0], self.eval(cand)[0]
             out = tl.peak_device_bytes - new.peak_device_bytes
@@ -376,7 +388,8 @@ class Search:
                 return None
             tl, new, out = got
             useful = min(out, max(1, tl.peak_device_bytes - self.device_budget))
-            return costmodel.freed_per_exposed_second(useful, new.step_s - tl.step_s), -out
+            ratio = costmodel.freed_per_exposed_second(useful, new.step_s - tl.step_s)
+            return (ratio, useful, -out) if big_first else (ratio, -out)
 
         def most(cur: State, cand: State) -> tuple[float, float] | None:
             got = freed(cur, cand)
