@@ -353,6 +353,17 @@ def test_exact_search_matches_brute_force():
             assert exact.predicted_step_s == pytest.approx(best, rel=1e-9)
 
 
+def test_exact_search_can_give_up():
+    # Six identical blocks at half of keep-all take the exhaustive search a million branches;
+    # capped, it returns the best plan found (here the planner's, which is optimal) and says so.
+    p = llama_like()
+    budget = plan_uniform(p, K).predicted_peak_bytes // 2
+    ours = plan(p, budget, None)
+    capped = plan_exact(p, budget, None, keep_last=1, incumbent=ours, max_branches=1000)
+    assert any("gave up after 1000 branches" in n for n in capped.notes)
+    assert capped.predicted_step_s == ours.predicted_step_s == pytest.approx(0.218)
+
+
 @pytest.mark.parametrize("families", [("random",), ADVERSARIAL])
 def test_planner_against_the_exact_reference(families):
     problems = cases(30, seed=3, families=families)
