@@ -449,7 +449,8 @@ class Search:
         """The `COMPOUND_TRIES` most promising segment changes that do not pay alone (least
         replay time, then budget overrun, then step) and the `COMPOUND_DROPS` largest offloaded
         tensors kept instead, each followed by steps 4 and 5 (a large copy traded for smaller
-        ones and recomputes): the best result that improves on `state`, or None."""
+        ones and recomputes), and where it lands over a budget also by `repair` and then steps
+        4 and 5: the best result that improves on `state`, or None."""
         best, best_key = None, self.key(state)
         ranked = []
         listed = self.listed(self.segment_moves(state))
@@ -469,11 +470,31 @@ class Search:
         for cand, tabu in tries:
             if self.spent:
                 break
-            cand = self.relax(self.cover_deficit(cand, greedy=False, tabu=tabu))  # steps 4, 5
-            k = self.key(cand)
-            if self.better(k, best_key):
-                best, best_key = cand, k
+            starts = [cand]
+            over, step, _ = self.key(cand)
+            if over > 0 and step < best_key[1]:  # faster but over a budget: also mend it by copies
+                starts.append(self.repair(cand, tabu))
+            for start in starts:
+                done = self.relax(self.cover_deficit(start, greedy=False, tabu=tabu))  # steps 4, 5
+                k = self.key(done)
+                if self.better(k, best_key):
+                    best, best_key = done, k
         return best
+
+    def repair(self, state: State, tabu: frozenset[int] = _NONE) -> State:
+        """`state` (over a budget) brought down by moves that replay nothing more: tensors in or
+        out of the offload set, swaps, and segment changes that do not raise the replay time
+        (offload instead of keep, inputs kept instead of offloaded), each taken while it lowers
+        the key. Unlike step 4, which takes the cheapest recompute when copies alone fall
+        short, this trades copies for copies (keep a late tensor whose copy is still in flight
+        at the peak, offload an earlier one; give back host bytes)."""
+        def moves(cur: State) -> Iterator[Move]:
+            bound = self.replay_bound(cur[0])
+            for segs, add, drop in itertools.chain(self.segment_moves(cur), self.tensor_moves(cur)):
+                if segs and self.replay_bound(self.apply(cur, (segs, _NONE, _NONE))[0]) > bound:
+                    continue
+                yield segs, (add - tabu if tabu else add), drop
+        return self.sweep(state, moves, self.improves, lambda cur: self.key(cur)[0] == 0)
 
     def pairs(self, state: State) -> State | None:
         """The best pair of changes that improves on `state`, or None: pairs of segment
