@@ -23,8 +23,8 @@ import torch
 
 from offload.core.budget import parse_budget
 
-from .contenders import Contender, Hybrid, baselines, fixed_policies
 from .budgetuse import FRACTIONS as BUDGET_USE_FRACTIONS, BudgetUseConfig, run_budget_use
+from .contenders import Contender, Hybrid, baselines, fixed_policies
 from .losscurve import CurveConfig, run_loss_curves
 from .maxfit import DIMS, FitConfig, run_maxfit
 from .measure import peak_pass
