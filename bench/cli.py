@@ -2,7 +2,8 @@
 
 Sections: the main bench (every contender: step time, peak memory, traffic, gradients vs plain;
 skip with --skip-main), `--max-fit CAP` (largest batch or sequence under a device-memory cap),
-`--steps N` (loss curves of a seeded AdamW run vs plain) and `--soak N` (what grows over N steps).
+`--steps N` (loss curves of a seeded AdamW run vs plain), `--soak N` (what grows over N steps)
+and `--budget-use` (policy="auto"'s measured saved peak against its budget, bench/budgetuse.py).
 Exit status 1 when, on the CPU, a contender's gradients or losses differ from plain's at all (the
 runtime promises bitwise equality), or when a soak's host pool bytes or live tensors grew.
 """
@@ -22,6 +23,7 @@ import torch
 
 from offload.core.budget import parse_budget
 
+from .budgetuse import FRACTIONS as BUDGET_USE_FRACTIONS, BudgetUseConfig, run_budget_use
 from .contenders import Contender, Hybrid, baselines, fixed_policies
 from .losscurve import CurveConfig, run_loss_curves
 from .maxfit import DIMS, FitConfig, run_maxfit
@@ -31,7 +33,7 @@ from .presets import PRESETS, Preset, default_preset
 from .results import BenchResult, Skipped
 from .soak import SoakConfig, run_soak
 from .suite import SuiteConfig, attach_auto, auto_contenders, run_suite, runtime_settings
-from .tables import Printer, loss_table, main_table, maxfit_table, skipped_lines, soak_table
+from .tables import Printer, budget_use_table, loss_table, main_table, maxfit_table, skipped_lines, soak_table
 
 log = logging.getLogger("bench")
 
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_fractions, default=DEFAULT_BUDGETS,
                    help="policy='auto' device budgets as fractions of keep's peak (main bench) or of "
                         "the cap (--max-fit); default 0.7,0.5,0.3")
-    p.add_argument("--skip-main", action="store_true", help="run only --max-fit and/or --steps")
+    p.add_argument("--skip-main", action="store_true",
+                   help="run only the sections asked for (--max-fit, --steps, --soak, --budget-use)")
     p.add_argument("--max-fit", metavar="CAP",
                    help="device-memory cap (bytes, or '512MiB'): find each contender's largest size under it")
     p.add_argument("--fit-dim", choices=DIMS, default="batch", help="what --max-fit grows (default batch)")
@@ -112,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "`with hc:` and one under no_grad, then N such evaluation pairs alone: growth of "
                         "host pool bytes, live tensors, Python objects and blocks, and RSS between an "
                         "early step and the end")
+    p.add_argument("--budget-use", type=_fractions, nargs="?", metavar="FRACTIONS",
+                   const=BUDGET_USE_FRACTIONS,
+                   help="policy='auto' at these fractions of keep's measured saved-activation peak "
+                        f"(default {','.join(map(str, BUDGET_USE_FRACTIONS))}): measured saved peak / "
+                        "budget, the plan's peak / budget and step time against plain, next to keep "
+                        "and recompute")
     p.add_argument("--threads", type=_positive,
                    help="torch intra-op threads (default on the CPU: one per core less one, which the "
                         "emulation's copy threads use the way a GPU uses its copy engines, and which "
@@ -256,6 +265,28 @@ def run_soak_section(run: Run) -> None:
                                 f"by {g.tensors} between step {cfg.early + 1} and the end")
 
 
+def run_budget_use_section(run: Run) -> None:
+    """`--budget-use`: auto's measured saved peak against each budget, next to keep and recompute."""
+    preset = run.preset
+    rows, skipped, reference = run_budget_use(BudgetUseConfig(
+        preset, run.device, run.args.budget_use, run.args.warmup, run.args.repeats, run.progress))
+    run.result.budget_use = dict(keep_saved_peak_bytes=reference, fractions=list(run.args.budget_use),
+                                 rows=rows)
+    run.printer.section(f"budget use ({preset.name}): policy='auto' at fractions of keep's saved-activation "
+                        f"peak ({reference / 2**20:.1f} MiB); saved peak measured by the runtime on the last "
+                        f"timed step; planned = the plan's peak with backward's working sets; median of "
+                        f"{run.args.repeats}", budget_use_table(rows))
+    if skipped:
+        run.printer.line(skipped_lines(skipped))
+    infeasible = [r.name for r in rows if r.planned_peak_bytes is not None and r.planned_peak_bytes > r.device_budget]
+    if infeasible:
+        run.printer.line(f"below the least-memory plan (planned / budget > 1; the runtime warned and ran that "
+                         f"plan): {', '.join(infeasible)}")
+    run.problems += [f"{r.name}: measured saved peak {r.saved_peak_bytes} over its budget {r.device_budget} "
+                     f"where its plan fits" for r in rows
+                     if r.name not in infeasible and r.use is not None and r.use > 1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; returns the exit status (0 ok, 1 a correctness check failed, 2 bad usage)."""
     parser = build_parser()
@@ -294,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_steps_section(run)
     if args.soak is not None:
         run_soak_section(run)
+    if args.budget_use is not None:
+        run_budget_use_section(run)
 
     path = args.out / "results.json"
     run.result.write_json(path)

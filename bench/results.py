@@ -88,6 +88,25 @@ class SoakResult:
 
 
 @dataclass
+class BudgetUseRow:
+    """One contender of the budget-use table (bytes, seconds)."""
+
+    name: str
+    device_budget: int | None  # auto contenders only
+    saved_peak_bytes: int | None  # measured by the runtime on the last timed step; None for plain
+    planned_peak_bytes: int | None  # the plan's simulated peak, working sets included (auto only)
+    step_s: float  # median timed step
+    ratio_to_plain: float  # median over rounds of step / plain's step in the same round
+
+    @property
+    def use(self) -> float | None:
+        """Measured saved peak over the budget."""
+        if self.device_budget is None or self.saved_peak_bytes is None:
+            return None
+        return self.saved_peak_bytes / self.device_budget
+
+
+@dataclass
 class BenchResult:
     """Everything one `python -m bench` run measured."""
 
@@ -97,6 +116,7 @@ class BenchResult:
     max_fit: dict | None = None  # {"cap_bytes", "dim", "results": [FitResult]}
     loss_curve: dict | None = None  # {"steps", "curves": [LossCurve]}
     soak: dict | None = None  # {"steps", "early_step", "results": [SoakResult]}
+    budget_use: dict | None = None  # {"keep_saved_peak_bytes", "fractions", "rows": [BudgetUseRow]}
 
     def to_dict(self) -> dict:
         return _finite(asdict(self))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Sequence, TextIO
 
-from .results import ContenderResult, FitResult, LossCurve, Skipped, SoakResult
+from .results import BudgetUseRow, ContenderResult, FitResult, LossCurve, Skipped, SoakResult
 
 MIB = 2**20
 
@@ -36,6 +36,18 @@ def main_table(results: Sequence[ContenderResult]) -> str:
                      grads])
     return format_table(["contender", "step ms", "min ms", "x plain", "tokens/s", "peak MiB", "offload MiB",
                          "recomp MiB", "overlap", "stall ms", "grads vs plain"], rows)
+
+
+def budget_use_table(rows: Sequence[BudgetUseRow]) -> str:
+    """Budget, measured saved peak and their ratio, the plan's peak, step time against plain."""
+    def share(n: int | None, budget: int | None) -> str:
+        return "-" if n is None or not budget else f"{n / budget:.2f}"
+
+    body = [[r.name, _mib(r.device_budget), _mib(r.saved_peak_bytes), share(r.saved_peak_bytes, r.device_budget),
+             share(r.planned_peak_bytes, r.device_budget), f"{r.step_s * 1e3:.1f}", f"{r.ratio_to_plain:.3f}"]
+            for r in rows]
+    return format_table(["contender", "budget MiB", "saved peak MiB", "peak / budget", "planned / budget",
+                         "step ms", "x plain"], body)
 
 
 def skipped_lines(skipped: Sequence[Skipped]) -> str:

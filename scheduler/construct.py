@@ -5,12 +5,12 @@ tensors (Llama-3-70B: 82 segments) is planned in milliseconds; the local search 
 then improves on them as far as its work bound allows. Each family orders what may move:
 
 - The window order: offloadable tensors, earliest segment first (the longest-lived, whose
-  copies have the most forward and backward to hide behind), largest first inside a segment.
-  `offload(k)` offloads its first k tensors.
+  copies have the most forward and backward to hide behind), largest first inside a segment;
+  `Families.state(k, ...)` offloads its first k tensors.
 - The recompute order: segments by replay seconds per byte that recompute would drop beyond
   what the free window already offloads (cheapest first, later segments first on ties:
-  repeated identical layers are recomputed from the end, offloaded from the start).
-  `recompute(r)` recomputes the first r of them.
+  repeated identical layers are recomputed from the end, offloaded from the start);
+  `Families.state(k, order[:r], code)` recomputes the first r of them too.
 
 The plans tried, in order (each bisection assumes its predicate monotone in the parameter,
 which holds for budgets: more moved, less memory; and roughly for step time):
@@ -25,9 +25,7 @@ which holds for budgets: more moved, less memory; and roughly for step time):
 5. `forward_greedy`: segment by segment, offload what may move while its copies can end within
    the forward, else keep while the rest can still fit, else recompute. When the link is slower
    than the forward, this fills the memory under the budget with copies in flight, lets the D2H
-   stream catch up while kept or recomputed segments run, and drains it before forward ends
-   (on Llama-3-8B at 8k, 30% of keep-all: offload, keep, then alternate offload and recompute).
-
+   stream catch up while kept or recomputed segments run, and drains it before forward ends;
 6. the fastest of these rearranged, per group of identical segments (repeated layers): its
    leading offloads (one fewer to two more), then the fewest recomputes that fit, then keeps
    (`recompute_first`);

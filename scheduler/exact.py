@@ -8,7 +8,8 @@ offloading segment, over its tensors in save order (keep or offload each), simul
 forward of the assigned prefix exactly as `simulate` does (rules 1 and 2). A branch is cut when
 one of these bounds, each a lower bound on every completion of the branch, already fails:
 
-- Bound 1 (host). Host bytes only grow as tensors are added.
+- Bound 1 (host). Host bytes only grow as tensors are added, and what is left of the host
+  budget caps what the rest can still offload (bounds 2 and 3).
 - Bound 2 (forward memory). The device bytes of the assigned prefix at each save are exact; at
   the end of forward the rest adds at least its saved bytes less what recompute could drop and
   what the D2H stream could still copy before then. Dropping bytes has a price: the cheapest
@@ -46,12 +47,17 @@ MAX_TENSORS = 64  # offloadable tensors in all; the tree doubles with each
 REL_TOL = 1e-12  # steps closer than this (relative) are equal: float noise, not a better plan
 
 
+class _GaveUp(Exception):
+    """The search bounded `max_branches` branches without finishing."""
+
+
 class _Search:
     """All state of one exact search (bounds, incumbent); used once."""
 
     def __init__(self, sim: Simulator, device_budget: int, host_budget: int | None,
-                 resident: frozenset[int]) -> None:
+                 resident: frozenset[int], max_branches: float = math.inf) -> None:
         self.sim = sim
+        self.max_branches = max_branches
         self.budget = device_budget
         self.host_budget = math.inf if host_budget is None else host_budget
         n = sim.n
@@ -250,7 +256,7 @@ class _Search:
         return latest if nbytes <= ready else math.inf
 
     def _cut(self, s: int, mem: int, fp: int, now: float, d2h_free: float, rest: int,
-             rest_offl: int, res_lb: int) -> bool:
+             rest_offl: int, res_lb: int, host: int) -> bool:
         """Whether no completion of the branch can fit and beat the best plan (bounds 2-4).
 
         At the end of forward, and while each later segment m's backward runs, the device holds
@@ -260,8 +266,11 @@ class _Search:
         stream can copy by then; in backward, copies that end later stall m's backward until
         they do). Splitting each shortfall between the two bounds the step from below.
         `res_lb`: the least bytes segment s keeps through backward (its tensors not assigned
-        yet that may be offloaded excluded)."""
+        yet that may be offloaded excluded); `host`: the host bytes assigned so far, which
+        leave at most host_budget - host bytes for the rest to offload."""
         self.nodes += 1
+        if self.nodes > self.max_branches:
+            raise _GaveUp
         base = self.base_step + (self.replay[-1] if self.replay else 0.0)
         if base >= self.cutoff or self._chain_bound(s, 0.0) >= self.cutoff:
             return True
@@ -271,7 +280,8 @@ class _Search:
             mem += frees[k][1]
             k += 1
         start = d2h_free if d2h_free > now else now
-        cap_o = self._copyable(s, start, T, self.sim.n, rest_offl)
+        host_left = self.host_budget - host
+        cap_o = min(self._copyable(s, start, T, self.sim.n, rest_offl), host_left)
         if self._split_cut(s, mem + rest + self.suf_saved[s + 1] - self.budget,
                            self.suf_r[s + 1], cap_o, self.suf_best[s + 1] + rest_offl,
                            self.by_cost[s + 1], base):
@@ -283,7 +293,7 @@ class _Search:
                     + self.sim.saved[m] + self.sim.working[m])
             if need <= 0:
                 continue
-            cap_o = self.pre_o[m - 1] - self.pre_o[s + 1] + rest_offl
+            cap_o = min(self.pre_o[m - 1] - self.pre_o[s + 1] + rest_offl, host_left)
             due = T + self.bwd_after[m]  # m's backward starts no earlier
 
             def delay(x: float, m: int = m, due: float = due) -> float:
@@ -364,7 +374,7 @@ class _Search:
                     bisect.insort(self.chain, (s, sim._input_key[s], free, sim.input_h2d_s[s]))
             res = sim.cross[s] + (ib if mode == RECOMPUTE else 0)
             if (ok and h <= self.host_budget and self._future_fits(s, res)
-                    and not self._cut(s, m, k, es, free, 0, 0, res)):
+                    and not self._cut(s, m, k, es, free, 0, 0, res, h)):
                 self.res.append(res)
                 self._segment(s + 1, m, k, free, h)
                 self.res.pop()
@@ -400,7 +410,8 @@ class _Search:
         es = sim.end[s]
         # keep x
         fixed = rest - rest_offl
-        if not self._cut(s, mem, fp, x.save_t, d2h_free, rest, rest_offl, kept + x.nbytes + fixed):
+        if not self._cut(s, mem, fp, x.save_t, d2h_free, rest, rest_offl,
+                         kept + x.nbytes + fixed, host):
             self._tensor(s, i + 1, mem, fp, d2h_free, host, kept + x.nbytes)
         if not self.branch[s][i] or host + x.nbytes > self.host_budget:  # bound 1
             return
@@ -413,7 +424,8 @@ class _Search:
         self.ids.append(x.id)
         if x.last > s:
             self.cross_off.append((s, x.last, x.nbytes))
-        if not self._cut(s, mem, fp, x.save_t, end, rest, rest_offl, kept + fixed):
+        if not self._cut(s, mem, fp, x.save_t, end, rest, rest_offl, kept + fixed,
+                         host + x.nbytes):
             self._tensor(s, i + 1, mem, fp, end, host + x.nbytes, kept)
         if x.last > s:
             self.cross_off.pop()
@@ -493,14 +505,16 @@ def cover_table(items: list[tuple[int, float]]) -> tuple[list[float], list[float
 
 def plan_exact(profile: Profile, device_budget: int, host_budget: int | None,
                hardware: Hardware | None = None, *, keep_last: int = 0,
-               incumbent: Plan | None = None) -> Plan:
+               incumbent: Plan | None = None, max_branches: int | None = None) -> Plan:
     """The fastest plan over the full plan format that meets both budgets in the simulator.
 
     Every subset of each segment's offloadable tensors, recompute with and without offloaded
     inputs, and every lookahead, by branch and bound (module docstring). `keep_last` applies
     the planner's rule 1 (`scheduler.plan`): the last `keep_last` recomputable segments and
     those after them offload nothing, unless no plan fits that way. `incumbent`, a plan of the
-    same profile, is a starting point that only speeds the search up.
+    same profile, is a starting point that only speeds the search up. With `max_branches`,
+    the search stops after bounding that many branches and returns the best plan found with a
+    note saying it "gave up" (not proven optimal; a few adversarial profiles take minutes).
 
     For profiles of at most 10 segments and 64 offloadable tensors (`ValueError` otherwise).
     When no plan fits, the plan that moves all it may is returned with a note saying so.
@@ -515,13 +529,19 @@ def plan_exact(profile: Profile, device_budget: int, host_budget: int | None,
     start = None if incumbent is None else (sim.codes(incumbent), incumbent.offload_ids)
     tails = [resident_tail(sim, keep_last)] + ([frozenset()] if keep_last else [])
     notes: list[str] = []
+    limit = math.inf if max_branches is None else max_branches
+    gave_up = ()
     for tail in tails:
-        search = _Search(sim, device_budget, host_budget, tail)
+        search = _Search(sim, device_budget, host_budget, tail, limit)
         search.prepare()
         if start is not None and not any(c in (OFFLOAD, RECOMPUTE_OFFLOAD_INPUTS)
                                          for s, c in enumerate(start[0]) if s in tail):
             search.consider(*start)
-        search.run()
+        try:
+            search.run()
+        except _GaveUp:
+            gave_up = (f"plan_exact: gave up after {max_branches} branches; the best plan "
+                       "found, not proven optimal",)
         if search.best is not None:
             codes, ids, _ = search.best
             _, d = best_lookahead(sim, codes, ids, device_budget)
@@ -530,7 +550,9 @@ def plan_exact(profile: Profile, device_budget: int, host_budget: int | None,
                              "resident")
             notes.append(f"plan_exact: {search.nodes} branches bounded, {search.leaves} plans "
                          "simulated")
-            return build_plan(sim, codes, ids, d, tuple(notes))
+            return build_plan(sim, codes, ids, d, tuple(notes) + gave_up)
+        if gave_up:
+            break
     codes = tuple(RECOMPUTE_OFFLOAD_INPUTS if RECOMPUTE_OFFLOAD_INPUTS in _modes(sim, s)
                   else OFFLOAD if any(x.offloadable for x in sim.tensors[s]) else
                   (RECOMPUTE if sim.recomputable[s] else KEEP) for s in range(sim.n))
@@ -538,7 +560,7 @@ def plan_exact(profile: Profile, device_budget: int, host_budget: int | None,
                     if x.offloadable)
     return build_plan(sim, codes, ids, 1, notes=(
         f"plan_exact: no plan meets device_budget={device_budget} and "
-        f"host_budget={host_budget}; returning the plan that moves all it may",))
+        f"host_budget={host_budget}; returning the plan that moves all it may",) + gave_up)
 
 
 def _modes(sim: Simulator, s: int) -> tuple[int, ...]:

@@ -22,7 +22,9 @@ cost model of DESIGN.md §5 guiding the order of its moves:
 6. Refine: a local search over single changes (a segment's action, one tensor in or out of the
    offload set, a large offloaded tensor swapped for a smaller or longer-lived one) and, where
    a change alone does not pay, that change followed by steps 4 and 5 (recompute a segment,
-   then give back the offloads it makes unneeded), then pairs of segment changes. Last,
+   then give back the offloads it makes unneeded; when the change leaves the plan over a
+   budget, also first mended with copies alone: tensors in or out, swaps, changes that replay
+   nothing more), then pairs of segment changes. Last,
    offloads that neither the budget nor the step needs go back.
 Steps 3-6 run from keep-all, from step 2's plan and from low-memory seeds, within a work
 budget (`search.MAX_WORK` simulated events): small profiles get all of them, profiles of a

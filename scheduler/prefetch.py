@@ -10,7 +10,9 @@ included when it is recomputed). Then
 The ceiling is the number of segments whose backward it takes to hide the copy; the +1 is slack
 for the reloads queued ahead of it on the same H2D stream. A larger d never adds stall time but
 holds reloaded bytes longer, so with a device budget d is then lowered until the simulated peak
-fits (the "capped by device headroom" of §5), never below 1.
+fits (the "capped by device headroom" of §5), never below 1. The planner judges plans at their
+fastest d that fits (`fastest_lookahead`) and hands out the formula's d when it is as fast
+(`best_lookahead`).
 """
 from __future__ import annotations
 

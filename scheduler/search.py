@@ -233,14 +233,23 @@ class Search:
         return tuple(codes), ids
 
     def segment_moves(self, state: State) -> Iterator[Move]:
-        """Every change of one segment to another of its allowed actions (OFFLOAD: all)."""
+        """Every change of one segment to another of its allowed actions (OFFLOAD: all it may;
+        and, from a recompute, also the fewest bytes of it that drop as much as the replay
+        did: a knapsack swap of the replay for copies)."""
         codes, ids = state
-        for s in range(self.sim.n):
+        sim = self.sim
+        for s in range(sim.n):
             own = self.movable_ids[s]
             for c in self.actions[s]:
                 if c == OFFLOAD:
                     if not own <= ids:
                         yield ((s, OFFLOAD),), own, _NONE
+                    if codes[s] >= RECOMPUTE and len(own) > 1:
+                        dropped = sim.saved[s] - sim.cross[s] - (
+                            sim.input_bytes[s] if codes[s] == RECOMPUTE else 0)
+                        pick = frozenset(x.id for x in cover(list(self.movable[s]), dropped))
+                        if pick != own:
+                            yield ((s, OFFLOAD),), pick, _NONE
                 elif c != codes[s]:
                     yield ((s, c),), _NONE, _NONE
 
@@ -326,7 +335,8 @@ class Search:
         each low-memory seed, as far as the work bound allows; the best plan found, trimmed."""
         best = self.refine(start)
         seeds = [lambda: self.cover_deficit(self.fill_free_window(keep)),
-                 lambda: self.cover_deficit(keep)]
+                 lambda: self.cover_deficit(keep),
+                 lambda: self.cover_deficit(keep, big_first=True)]
         seeds += [lambda seed=seed: self.relax(seed) if self.fits(seed) else seed
                   for seed in self.low_memory_seeds()]
         for seed in seeds:
@@ -356,23 +366,47 @@ class Search:
                     break
         return state
 
-    def cover_deficit(self, state: State, greedy: bool = True) -> State:
+    def cover_deficit(self, state: State, greedy: bool = True,
+                      tabu: frozenset[int] = _NONE, big_first: bool = False) -> State:
         """Step 4: moves by peak bytes freed (up to the deficit) per second added, until the
-        plan fits; `greedy` re-ranks after every costly move (else one ranking per pass)."""
-        def score(cur: State, cand: State) -> tuple[float, float] | None:
+        plan fits; `greedy` re-ranks after every costly move (else one ranking per pass);
+        tensors in `tabu` are not offloaded again. Among equally priced moves (those that add
+        no time, above all) the fewest bytes moved go first, or with `big_first` the most bytes
+        of the deficit covered. When that ends over budget (the cheap moves taken first left
+        the peak where only dear ones reach it), the most bytes freed first, whatever they
+        cost; the better of the two."""
+        def freed(cur: State, cand: State) -> tuple[Timeline, Timeline, int] | None:
             tl, new = self.eval(cur)[0], self.eval(cand)[0]
-            freed = tl.peak_device_bytes - new.peak_device_bytes
-            if freed <= 0 or new.peak_host_bytes > self.host_budget:
+            out = tl.peak_device_bytes - new.peak_device_bytes
+            if out <= 0 or new.peak_host_bytes > self.host_budget:
                 return None
-            useful = min(freed, max(1, tl.peak_device_bytes - self.device_budget))
-            return costmodel.freed_per_exposed_second(useful, new.step_s - tl.step_s), -freed
+            return tl, new, out
+
+        def score(cur: State, cand: State) -> tuple[float, float] | None:
+            got = freed(cur, cand)
+            if got is None:
+                return None
+            tl, new, out = got
+            useful = min(out, max(1, tl.peak_device_bytes - self.device_budget))
+            ratio = costmodel.freed_per_exposed_second(useful, new.step_s - tl.step_s)
+            return (ratio, useful, -out) if big_first else (ratio, -out)
+
+        def most(cur: State, cand: State) -> tuple[float, float] | None:
+            got = freed(cur, cand)
+            return None if got is None else (got[2], got[0].step_s - got[1].step_s)
 
         def moves(cur: State) -> Iterator[Move]:
-            yield from self.all_moves(cur)
             deficit = self.eval(cur)[0].peak_device_bytes - self.device_budget
-            yield from self.cover_moves(cur, deficit)
-        return state if self.fits(state) else self.sweep(state, moves, score, self.fits,
-                                                         greedy=greedy)
+            for segs, add, drop in itertools.chain(self.all_moves(cur),
+                                                   self.cover_moves(cur, deficit)):
+                yield segs, (add - tabu if tabu else add), drop
+        if self.fits(state):
+            return state
+        cheap = self.sweep(state, moves, score, self.fits, greedy=greedy)
+        if self.fits(cheap):
+            return cheap
+        big = self.sweep(state, moves, most, self.fits, greedy=True)
+        return big if self.better(self.key(big), self.key(cheap)) else cheap
 
     def relax(self, state: State) -> State:
         """Step 5: from a plan that fits, undo moves by step seconds saved per byte of peak
@@ -415,7 +449,8 @@ class Search:
         """The `COMPOUND_TRIES` most promising segment changes that do not pay alone (least
         replay time, then budget overrun, then step) and the `COMPOUND_DROPS` largest offloaded
         tensors kept instead, each followed by steps 4 and 5 (a large copy traded for smaller
-        ones and recomputes): the best result that improves on `state`, or None."""
+        ones and recomputes), and where it lands over a budget also by `repair` and then steps
+        4 and 5: the best result that improves on `state`, or None."""
         best, best_key = None, self.key(state)
         ranked = []
         listed = self.listed(self.segment_moves(state))
@@ -428,17 +463,38 @@ class Search:
                 continue
             ranked.append(((self.replay_bound(cand[0]), k[0], k[1]), cand))
         ranked.sort(key=lambda r: r[0])
-        tries = [cand for _, cand in ranked[:COMPOUND_TRIES]]
+        tries = [(cand, _NONE) for _, cand in ranked[:COMPOUND_TRIES]]
         largest = sorted(state[1], key=lambda i: -self.sim.by_id[i].nbytes)[:COMPOUND_DROPS]
-        tries += [self.apply(state, ((), _NONE, frozenset((i,)))) for i in largest]
-        for cand in tries:
+        tries += [(self.apply(state, ((), _NONE, frozenset((i,)))), frozenset((i,)))
+                  for i in largest]  # a dropped tensor stays dropped while it re-covers
+        for cand, tabu in tries:
             if self.spent:
                 break
-            cand = self.relax(self.cover_deficit(cand, greedy=False))  # steps 4 and 5
-            k = self.key(cand)
-            if self.better(k, best_key):
-                best, best_key = cand, k
+            starts = [cand]
+            over, step, _ = self.key(cand)
+            if over > 0 and step < best_key[1]:  # faster but over a budget: also mend it by copies
+                starts.append(self.repair(cand, tabu))
+            for start in starts:
+                done = self.relax(self.cover_deficit(start, greedy=False, tabu=tabu))  # steps 4, 5
+                k = self.key(done)
+                if self.better(k, best_key):
+                    best, best_key = done, k
         return best
+
+    def repair(self, state: State, tabu: frozenset[int] = _NONE) -> State:
+        """`state` (over a budget) brought down by moves that replay nothing more: tensors in or
+        out of the offload set, swaps, and segment changes that do not raise the replay time
+        (offload instead of keep, inputs kept instead of offloaded), each taken while it lowers
+        the key. Unlike step 4, which takes the cheapest recompute when copies alone fall
+        short, this trades copies for copies (keep a late tensor whose copy is still in flight
+        at the peak, offload an earlier one; give back host bytes)."""
+        def moves(cur: State) -> Iterator[Move]:
+            bound = self.replay_bound(cur[0])
+            for segs, add, drop in itertools.chain(self.segment_moves(cur), self.tensor_moves(cur)):
+                if segs and self.replay_bound(self.apply(cur, (segs, _NONE, _NONE))[0]) > bound:
+                    continue
+                yield segs, (add - tabu if tabu else add), drop
+        return self.sweep(state, moves, self.improves, lambda cur: self.key(cur)[0] == 0)
 
     def pairs(self, state: State) -> State | None:
         """The best pair of changes that improves on `state`, or None: pairs of segment

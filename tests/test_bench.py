@@ -113,6 +113,25 @@ def test_loss_curve_check_is_exactly_zero_on_cpu(tmp_path):
         assert c["losses"] == plain and c["max_abs_diff"] == 0.0, c
 
 
+def test_budget_use_table_puts_auto_next_to_keep_and_recompute(tmp_path):
+    proc = run_bench("--skip-main", "--budget-use", "0.9,0.7,0.3", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "peak / budget" in proc.stdout and "planned / budget" in proc.stdout
+    assert "USDT" not in proc.stderr, proc.stderr[:2000]
+    data = json.loads((tmp_path / "results.json").read_text())["budget_use"]
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["plain", "keep", "recompute", "auto@90%", "auto@70%", "auto@30%"]
+    assert rows["keep"]["saved_peak_bytes"] == data["keep_saved_peak_bytes"]
+    for name in ("auto@90%", "auto@70%"):
+        r = rows[name]
+        assert r["device_budget"] == int(float(name[5:-1]) / 100 * data["keep_saved_peak_bytes"])
+        assert r["planned_peak_bytes"] <= r["device_budget"]
+        assert 0.5 * r["device_budget"] <= r["saved_peak_bytes"] <= r["device_budget"], r
+    # 30% of keep's peak is below full recompute's on this 2-block model: said, not failed
+    assert rows["recompute"]["saved_peak_bytes"] > rows["auto@30%"]["device_budget"]
+    assert "below the least-memory plan" in proc.stdout and "auto@30%" in proc.stdout
+
+
 @pytest.mark.parametrize("limit,upper,expected", [(1, 64, (1, False)), (37, 64, (37, False)),
                                                   (64, 64, (64, True)), (100, 48, (48, True)),
                                                   (0, 64, (0, False))])

@@ -223,9 +223,9 @@ def test_tp_gradients_bitwise_equal_and_dtensors_moved_by_their_shard(tp_ranks, 
 
 
 def test_tp_auto_ranks_with_different_budgets_run_one_plan(tp_ranks):
-    """Alone, rank 0 (a budget 4x what keeping needs) would keep every block and rank 1 (half
-    of it) recompute them: a replay's collectives on one rank would then meet other collectives
-    on the other (a hang). The ranks plan under the smaller budget and run one plan."""
+    """Alone, rank 0 (a budget 4x what keeping needs) would keep every block and rank 1 (half of
+    it, no host memory) recompute them: a replay's collectives on one rank would then meet other
+    collectives on the other (a hang). The ranks plan under the smaller budget and run one plan."""
     results = case(tp_ranks, "tp-sp-auto-uneven")
     for rank, res in enumerate(results):
         assert res["bad"] == [], f"rank {rank}: {res['bad'][:10]}"

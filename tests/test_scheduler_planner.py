@@ -147,6 +147,65 @@ def test_offloads_the_small_tensor_and_recomputes_rather_than_copy_the_huge_one(
     assert whole.step_s > 2.8
 
 
+def stranded_profile():
+    """A generated adversarial case (seed 2, case 250), rounded: a 698 MB and a 208 MB tensor
+    in the embedding, a 0.71 GB/s link, 1431 MB of device budget and 1085 MB of host."""
+    fwd = (1.394, 7.460, 4.589, 3.989, 1.974, 5.138)  # ms
+    bwd = (2.960, 15.861, 8.134, 9.255, 3.670, 12.774)
+    inputs = (0, 4.7, 17.5, 95.6, 2.7, 0)  # MB
+    segs = tuple(SegmentRecord(i, f"s{i}", fwd[i] * 1e-3, bwd[i] * 1e-3, 0 < i < 5,
+                               int(inputs[i] * MB)) for i in range(6))
+    sizes = [(0, 1.8), (0, 208.5), (0, 13.3), (0, 698.0), (1, 39.8), (2, 6.4), (2, 257.6),
+             (2, 29.6), (3, 189.9), (3, 4.5), (3, 302.0), (3, 123.0), (4, 13.3), (5, 1.9),
+             (5, 23.8), (5, 27.5)]
+    tens = tuple(TensorRecord(i, s, int(mb * MB), i not in (5, 9, 13), 4 if i == 8 else -1)
+                 for i, (s, mb) in enumerate(sizes))
+    return Profile(segs, tens, bw_d2h=0.71e9, bw_h2d=0.95e9)
+
+
+def test_cover_by_bytes_when_the_cheap_moves_strand_the_search():
+    # Covering the deficit cheapest-first (recomputes) leaves a peak only the embedding's
+    # copies reach, so every search path used to end on the 698 MB copy (1.97 s, 2.4x the
+    # optimum). Keeping it and covering by the most bytes freed finds the optimum: copy the
+    # three other embedding tensors, recompute the blocks, 0.82 s.
+    p = stranded_profile()
+    result = plan(p, 1431 * MB, 1085 * MB)
+    assert mix(result) == "OIRIKK" and result.offload_ids == {0, 1, 2}
+    assert result.predicted_step_s == pytest.approx(0.821563, rel=1e-6)
+    exact = plan_exact(p, 1431 * MB, 1085 * MB, keep_last=1)
+    assert exact.predicted_step_s == pytest.approx(result.predicted_step_s)
+
+
+def congested_profile():
+    """A generated asymmetric case (seed 1, case 129 of 300), rounded: a 14.7 GB/s D2H link,
+    an embedding and a first block that save 151 and 287 MB, 1015 MB of device budget."""
+    fwd = (2.587, 5.043, 4.258, 9.859, 7.196, 2.761)  # ms
+    bwd = (5.616, 8.646, 7.799, 19.873, 14.974, 5.282)
+    inputs = (0, 19.4, 1.6, 57.7, 41.6, 0)  # MB
+    segs = tuple(SegmentRecord(i, f"s{i}", fwd[i] * 1e-3, bwd[i] * 1e-3, 0 < i < 5,
+                               int(inputs[i] * MB)) for i in range(6))
+    sizes = [(0, 27.6), (0, 123.5), (1, 16.1), (1, 101.4), (1, 16.0), (1, 17.5), (1, 136.3),
+             (2, 17.5), (3, 349.7), (3, 106.9), (3, 33.8), (3, 268.1), (3, 27.7), (4, 8.3),
+             (4, 118.4), (5, 39.6), (5, 0.7), (5, 30.6)]
+    tens = tuple(TensorRecord(i, s, int(mb * MB), i != 16, 5 if i == 13 else -1)
+                 for i, (s, mb) in enumerate(sizes))
+    return Profile(segs, tens, bw_d2h=14.72e9, bw_h2d=86.92e9)
+
+
+def test_over_budget_copies_are_mended_with_copies_before_a_recompute():
+    # Offloading all of the first block instead of replaying it is as fast as keep-all but
+    # 119 MB over: its copies are still in flight at the peak. The deficit cover then took the
+    # replay back (+5%); mending with copies first (keep three small late ones, copy the
+    # embedding's and a later block's) fits at keep-all's step.
+    p = congested_profile()
+    result = plan(p, 1015 * MB, None)
+    assert "R" not in mix(result) and "I" not in mix(result)
+    exact = plan_exact(p, 1015 * MB, None, keep_last=1)
+    assert result.predicted_step_s <= exact.predicted_step_s * 1.001
+    assert result.predicted_step_s == pytest.approx(sum(fwd + bwd for fwd, bwd in (
+        (s.forward_s, s.backward_s) for s in p.segments)), rel=2e-3)
+
+
 def knapsack_profile():
     """A 5 ms block saving 300, 200 and 150 MB early in forward, over a 10 GB/s link, then two
     400 MB blocks and a head."""
@@ -322,6 +381,17 @@ def test_exact_search_matches_brute_force():
         else:
             assert simulate(p, exact).fits(budget, host)
             assert exact.predicted_step_s == pytest.approx(best, rel=1e-9)
+
+
+def test_exact_search_can_give_up():
+    # Six identical blocks at half of keep-all take the exhaustive search a million branches;
+    # capped, it returns the best plan found (here the planner's, which is optimal) and says so.
+    p = llama_like()
+    budget = plan_uniform(p, K).predicted_peak_bytes // 2
+    ours = plan(p, budget, None)
+    capped = plan_exact(p, budget, None, keep_last=1, incumbent=ours, max_branches=1000)
+    assert any("gave up after 1000 branches" in n for n in capped.notes)
+    assert capped.predicted_step_s == ours.predicted_step_s == pytest.approx(0.218)
 
 
 @pytest.mark.parametrize("families", [("random",), ADVERSARIAL])

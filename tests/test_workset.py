@@ -32,10 +32,21 @@ def test_auto_measures_each_segments_backward_working_set_and_plans_with_it():
     logits_grad = 4 * model.cfg.block_size * model.cfg.vocab_size * 4  # batch 4, fp32
     assert ws[tail.name] >= logits_grad  # the head's backward allocates the logits' gradient
     assert all(ws[f"transformer.h.{i}"] > 0 for i in range(4))
-    grads = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert policy.reserves[sig] == grads  # not the flat half-a-segment estimate
+    # A budget the user gave is planned whole: not the flat half-a-segment estimate, and not
+    # the parameters' gradients either (the budget bounds activation memory)
+    assert policy.reserves[sig] == 0
     assert hc._runtime.backward_marker is None  # the probe stopped after its step
     assert not torch._C._autograd._profiler_enabled()
+
+
+def test_the_default_budget_holds_back_the_parameters_gradients():
+    model = tiny_gpt()
+    hc = _auto(model)  # no device_budget: free memory now, before backward allocates the gradients
+    train(model, hc, steps=3)
+    policy = hc._runtime.policy
+    (sig, profile), = policy.profiles.items()
+    assert profile.has_working_sets
+    assert policy.reserves[sig] == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def test_the_probe_stops_at_the_next_forward_at_close_or_when_the_checkpointer_dies():

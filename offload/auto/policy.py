@@ -51,17 +51,20 @@ WARMUP_FORWARDS = 1  # profiling forwards per signature that are not measured
 MAX_SIGNATURES = 16  # plans kept; each new input shape costs two profiling steps
 
 
-def backward_reserve(profile, model) -> int:
+def backward_reserve(profile, model, default_budget: bool) -> int:
     """Bytes the plan leaves free under the device budget for what backward allocates besides
     saved activations.
 
-    With measured working sets (workset.py) the simulator counts each segment's own; what stays
-    is the parameters' gradients, which accumulate across segments (allocated in backward when
-    the step starts from `zero_grad(set_to_none=True)`). Without them (another profiler was
-    running), the scheduler's flat estimate: half the largest segment's saved bytes."""
+    With measured working sets (workset.py) the simulator counts each segment's own, so a budget
+    the user gave is planned whole: it bounds activation memory, and the parameters' gradients
+    are the model's, allocated alike under every plan (like the parameters and the optimizer
+    state). The default budget is free device memory measured before backward allocates those
+    gradients (from `zero_grad(set_to_none=True)` they accumulate across segments), so there
+    they are held back. Without measured working sets (another profiler was running), the
+    scheduler's flat estimate: half the largest segment's saved bytes."""
     if not profile.has_working_sets:
         return scheduler_reserve(profile)
-    if model is None:
+    if model is None or not default_budget:
         return 0
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
@@ -178,7 +181,8 @@ class AutoPolicy(Policy):
         budget = rt.device_budget()
         if forward.meshes:  # tensor parallelism: the ranks of a mesh plan alike (dtensor.py)
             budget = smallest_over(forward.meshes, budget)
-        reserve = min(backward_reserve(profile, rt.settings.model), budget // 2)
+        reserve = min(backward_reserve(profile, rt.settings.model, rt.settings.device_budget is None),
+                      budget // 2)
         live = max(1, rt.max_in_flight)  # pipeline micro-batches in flight at once
         plan = plan_in_flight(profile, budget - reserve, rt.settings.host_budget, live,
                               keep_last=rt.settings.keep_last)

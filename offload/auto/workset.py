@@ -24,6 +24,8 @@ from typing import Iterable
 
 import torch
 
+from ..observe.peakmem import quiet_kineto
+
 log = logging.getLogger(__name__)
 
 MARK = "offload::backward "
@@ -70,6 +72,7 @@ class WorkingSetProbe:
         if torch._C._autograd._profiler_enabled():  # the user's own profiler: leave it alone
             log.info("auto: backward working set not measured (a profiler is running); the planner estimates it")
             return False
+        quiet_kineto()
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
         try:
             prof.__enter__()

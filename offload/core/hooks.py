@@ -119,7 +119,8 @@ class ForwardPass:
         self.depth = 0  # region nesting: an inner region is part of the outer one
         self._opened: list[bool] = []  # per open region call: did it open a segment
         self.segments: list[Segment] = []
-        self._seen: dict[StorageWeakRef, list] = {}  # storage -> [id, segment, nbytes, offloadable, last]
+        # storage -> [id, segment, nbytes, offloadable, last, is a parameter or buffer]
+        self._seen: dict[StorageWeakRef, list] = {}
         self._counted: set[StorageWeakRef] = set()
         self._calls_of: dict[int, int] = {}  # id(region module) -> calls so far
         self.records: list[TensorRecord] = []
@@ -250,7 +251,9 @@ class ForwardPass:
         if not failed:  # a forward cut short must not shrink the next one's idea of the tail
             self.rt.expected_calls = self.region_calls
         self.lookahead = self.rt.lookahead_segments()  # Rule 8: this forward's, not the latest
-        self.records = [TensorRecord(*entry) for entry in self._seen.values()]
+        # The profile holds activations only: a parameter or buffer autograd saves (a matmul's
+        # weight) lives on the device under every plan, and the measured saved peak leaves it out.
+        self.records = [TensorRecord(*entry[:5]) for entry in self._seen.values() if not entry[5]]
         self._seen.clear()
         self._counted.clear()
         for seg in self.segments:
@@ -400,7 +403,7 @@ class ForwardPass:
         """Note the save for the profile; True if this is the storage's first save in this forward."""
         entry = self._seen.get(key)
         if entry is None:
-            self._seen[key] = [k, seg.index, storage(t).nbytes(), not param and self._offloadable(t), -1]
+            self._seen[key] = [k, seg.index, storage(t).nbytes(), not param and self._offloadable(t), -1, param]
             spec = spec_of(t)
             if spec is not None:
                 self.meshes[spec.mesh] = None

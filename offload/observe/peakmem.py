@@ -17,6 +17,11 @@ import torch
 _KINETO_QUIET = ("KINETO_LOG_LEVEL", "6")
 
 
+def quiet_kineto() -> None:
+    """Silence Kineto's USDT lines before a profiler of ours starts (a value the user set wins)."""
+    os.environ.setdefault(*_KINETO_QUIET)
+
+
 class PeakMemory:
     """`with PeakMemory(device) as pm: ...` then `pm.peak_bytes` (peak above the entry level)."""
 
@@ -32,7 +37,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            os.environ.setdefault(*_KINETO_QUIET)
+            quiet_kineto()
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                 profile_memory=True)
             self._prof.__enter__()
