@@ -124,3 +124,15 @@ def test_input_shape_reads_batch_and_sequence():
     assert (a.batch, a.seq, b.batch, b.seq) == (4, 48, 2, 96)
     assert a.family == b.family and a.signature != b.signature
     assert input_shape((), {}).family == "" and input_shape((torch.zeros(3),), {}).batch == 3
+
+
+def test_bench_shapes_parses_and_runs(capsys):
+    from bench.shapes import default_shapes, main, parse_shapes
+    assert parse_shapes("2x256, 4x64") == [(2, 256), (4, 64)]
+    for bad in ("2x", "0x64", "", "2x3x4"):
+        with pytest.raises(Exception, match="BATCHxSEQ"):
+            parse_shapes(bad)
+    assert default_shapes(2, 256)[:3] == [(2, 256), (2, 192), (2, 128)] and default_shapes(2, 256)[-1] == (4, 64)
+    assert main(["--preset", "llama-tiny", "--shapes", "4x32,4x24,4x16", "--budget", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "profiling steps: 4 over 3 shapes (6 at 2 per shape before the fit: 2 saved)" in out
