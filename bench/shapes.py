@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         peak = rows[-1][2]
         ok &= peak <= budget and (same or device.type != "cpu")
         step = r.predicted["step_error"] if r.predicted else None
+        saved = sum(g["saved_bytes"] for g in r.predicted["segments"])
         print(f"{b:>3}x{s:<5} {profiled:>8} {'fit' if fitted else 'profile':>9} {r.predicted['mix'][:30]:<30} "
-              f"{sum(g['saved_bytes'] for g in r.predicted['segments']) / 2**20:>14.2f} {_pct(err):>8} {_pct(step):>14} "
+              f"{saved / 2**20:>14.2f} {_pct(err):>8} {_pct(step):>14} "
               f"{peak / budget:>10.0%} {'bitwise' if same else 'DIFFER':>8}")
     n = len(shapes)
     total = got[-1][3].shapes["profiling_steps"]

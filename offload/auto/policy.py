@@ -211,7 +211,7 @@ class AutoPolicy(Policy):
             measured = sum(r.nbytes for r in forward.records)
             self.fit_error = measured / profile.total_saved_bytes - 1 if profile.total_saved_bytes else None
             shape = self._shape
-            fit = self.fits.get(shape.family)
+            fit = self.fits.get(shape.family) if shape is not None else None
             if fit is not None and fit.add(shape.batch, shape.seq, build_profile(forward, None, self._link),
                                            timed=False) and not same:
                 log.info("auto: the step at %s saved %+.2f%% bytes against the fit's prediction; planning "
