@@ -17,8 +17,12 @@ term), a shape is predicted only where they all agree: a new batch size needs a 
 size seen. At a shape it has seen, the fit returns the bytes measured there.
 Rule 2 (times and working sets are smooth). Forward and backward times and backward working
 sets are measured only on profiling steps (an ordinary step is never synchronized for them);
-each is a least-squares fit with non-negative coefficients on 1 and b*s (two shapes), plus
-b*s^2 (three or more: attention's compute is quadratic in s, fused or not).
+each is a least-squares fit with non-negative coefficients (`nnls`). Times: on 1 and b*s (two
+shapes), plus b*s^2 (three or more: attention's compute is quadratic in s, fused or not).
+Working sets: on 1 and the segment's own saved bytes at that shape (its backward allocates the
+gradients of its activations, an unfused attention's quadratic term included), so two shapes
+carry the quadratic term too; on the tiny GPT this errs high (4-10% at half the length), on
+the safe side of the budget.
 Rule 3 (one structure). A fit holds profiles with the same segments and the same saved
 storages (by pack index). A profile of another structure (the model took another path at
 this shape) starts the fit again from it.
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 TERMS = ("1", "b", "s", "bs", "s2", "bs2")
 MAX_TERMS = 3  # terms one exact quantity may use
 BYTES_RTOL = 1e-3  # an exact model must reproduce each shape's bytes this closely (relative)
-SMOOTH_TERMS = ("1", "bs", "bs2")  # times and working sets, in the order they join the fit
+SMOOTH_TERMS = ("1", "bs", "bs2")  # times, in the order they join the fit
 MAX_SHAPES = 64
 
 
@@ -110,23 +114,32 @@ def agreed(models: Sequence[Model], batch: int, seq: int) -> int | None:
     return max(0, round((lo + hi) / 2))
 
 
-def smooth_model(points: Sequence[tuple[int, int, float]]) -> Model:
-    """Rule 2: least squares with non-negative coefficients on the first 1, 2 or 3 of
-    `SMOOTH_TERMS` (1 point: b*s alone), the subset of them with the least residual."""
-    k = len(points)
-    basis = ("bs",) if k == 1 else SMOOTH_TERMS[:min(k, len(SMOOTH_TERMS))]
-    best: tuple[float, int, Model] | None = None
-    for size in range(1, len(basis) + 1):
-        for terms in itertools.combinations(basis, size):
-            rows = [[term(t, b, s) for t in terms] for b, s, _ in points]
-            coefs = lstsq(rows, [y for _, _, y in points])
+def nnls(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> tuple[float, ...]:
+    """Least squares with non-negative coefficients, one per column of `rows` (0 for a column
+    left out): of the subsets of columns whose own fit has no negative coefficient, the one
+    with the least residual (the smaller on a tie). All zeros when none has."""
+    n = len(rows[0]) if rows else 0
+    best: tuple[float, tuple[float, ...]] | None = None
+    for size in range(1, n + 1):
+        for cols in itertools.combinations(range(n), size):
+            coefs = lstsq([[r[c] for c in cols] for r in rows], ys)
             if coefs is None or any(c < 0 for c in coefs):
                 continue
-            model = Model(terms, tuple(coefs))
-            err = sum((model(b, s) - y) ** 2 for b, s, y in points)
+            full = [0.0] * n
+            for c, x in zip(cols, coefs):
+                full[c] = x
+            err = sum((sum(a * x for a, x in zip(r, full)) - y) ** 2 for r, y in zip(rows, ys))
             if best is None or err < best[0] * (1 - 1e-9):
-                best = (err, size, model)
-    return best[2] if best is not None else Model((), ())
+                best = (err, tuple(full))
+    return best[1] if best is not None else (0.0,) * n
+
+
+def smooth_model(points: Sequence[tuple[int, int, float]]) -> Model:
+    """Rule 2 for times: `nnls` on the first 1, 2 or 3 of `SMOOTH_TERMS` (one point: b*s)."""
+    k = len(points)
+    basis = ("bs",) if k == 1 else SMOOTH_TERMS[:min(k, len(SMOOTH_TERMS))]
+    coefs = nnls([[term(t, b, s) for t in basis] for b, s, _ in points], [y for _, _, y in points])
+    return Model(basis, coefs)
 
 
 @dataclass
@@ -225,12 +238,17 @@ class ShapeFit:
             movable = tuple(any(v.offloadable[i] for v in self._seen.values()) and n >= min_offload_bytes
                             for i, n in enumerate(nbytes))
         timed = [(k, v) for k, v in self._seen.items() if v.timed]
-        measured = [(k, v) for k, v in timed if v.worksets is not None]
+        measured = [(self._saved(v.tensors), v.worksets) for v in self._seen.values() if v.timed and v.worksets]
+        saved = self._saved(nbytes)
         segments = []
         for j, s in enumerate(self._template.segments):
             fwd = smooth_model([(b, q, v.forward_s[j]) for (b, q), v in timed])(batch, seq)
             bwd = smooth_model([(b, q, v.backward_s[j]) for (b, q), v in timed])(batch, seq)
-            ws = smooth_model([(b, q, v.worksets[j]) for (b, q), v in measured])(batch, seq) if measured else 0
+            ws = 0.0
+            if measured:  # Rule 2: on 1 and the segment's saved bytes (one shape: those alone)
+                rows = [[1.0, at[j]] if len(measured) > 1 else [0.0, at[j]] for at, _ in measured]
+                coefs = nnls(rows, [w[j] for _, w in measured])
+                ws = coefs[0] + coefs[1] * saved[j]
             segments.append(SegmentRecord(
                 index=s.index, name=s.name, forward_s=max(0.0, fwd), backward_s=max(0.0, bwd),
                 recomputable=s.recomputable, input_bytes=inputs[j],
@@ -243,6 +261,13 @@ class ShapeFit:
                        transfer_latency_s=p.transfer_latency_s, signature=signature,
                        meta={"fit": True, "batch": batch, "seq": seq, "shapes": len(shapes),
                              "timed_shapes": len(timed)})
+
+    def _saved(self, nbytes: Sequence[int]) -> list[int]:
+        """Bytes first saved in each segment, given every tensor's bytes."""
+        out = [0] * len(self._template.segments)
+        for t, n in zip(self._template.tensors, nbytes):
+            out[t.segment] += n
+        return out
 
     def _pin(self, columns: list[tuple[int, ...]], shapes: list[tuple[int, int]], batch: int,
              seq: int) -> tuple[int, ...] | None:

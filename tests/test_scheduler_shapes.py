@@ -4,15 +4,17 @@ import pytest
 from scheduler import Profile, SegmentRecord, TensorRecord, plan, plan_uniform
 from scheduler.hardware import get_hardware
 from scheduler.plan import Action
-from scheduler.shapes import ShapeFit, exact_models, smooth_model
+from scheduler.shapes import ShapeFit, exact_models, nnls, smooth_model
 from scheduler.synth import offload_threshold, transformer_profile
 
 
 def toy(b: int, s: int, extra: int = 0, times: bool = True) -> Profile:
     """Two segments: an activation (b*s*64), attention probabilities (b*s^2*4), a causal mask
-    (s^2), a weight (4096, constant) and a tensor of two terms (1000 + 8*b*s) when `extra`."""
+    (s^2), a weight (4096, constant) and a tensor of two terms (1000 + 8*b*s) when `extra`;
+    the block's backward working set is 3000 + twice its saved bytes."""
     fwd = 1e-3 + 2e-6 * b * s if times else 0.0
-    segs = (SegmentRecord(0, "block", fwd, 2 * fwd, True, 16 * b * s, 100 * b * s),
+    working = 3000 + 2 * (64 * b * s + 4 * b * s * s + s * s)  # weight gradients + twice the saved bytes
+    segs = (SegmentRecord(0, "block", fwd, 2 * fwd, True, 16 * b * s, working),
             SegmentRecord(1, "head", fwd / 2, fwd, False, 0, 0))
     tens = [TensorRecord(0, 0, 64 * b * s, True), TensorRecord(1, 0, 4 * b * s * s, True),
             TensorRecord(2, 0, s * s, False), TensorRecord(3, 1, 4096, False)]
@@ -35,7 +37,8 @@ def test_two_shapes_pin_down_one_term_bytes_the_quadratic_one_included():
         got, want = fit.predict(2, s, signature="x"), toy(2, s)
         assert [t.nbytes for t in got.tensors] == [t.nbytes for t in want.tensors]
         assert [g.input_bytes for g in got.segments] == [w.input_bytes for w in want.segments]
-        assert [g.backward_working_set_bytes for g in got.segments] == [100 * 2 * s, 0]
+        assert [g.backward_working_set_bytes for g in got.segments] == [w.backward_working_set_bytes
+                                                                         for w in want.segments]
         assert got.signature == "x" and got.meta["fit"] is True
         for g, w in zip(got.segments, want.segments):
             assert g.forward_s == pytest.approx(w.forward_s, rel=1e-9)
@@ -94,6 +97,8 @@ def test_exact_and_smooth_models():
     assert len(exact_models([(1, 10, 300.0), (1, 20, 1200.0)][:1])) == 0  # one point: no model
     t = smooth_model([(1, 10, 5.0), (1, 20, 4.0), (1, 30, 3.0)])  # noise falling with s
     assert all(c >= 0 for c in t.coefs) and t(1, 1000) >= 0
+    assert nnls([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]], [3.0, 2.0, 1.0]) == pytest.approx((2.0, 0.0))
+    assert nnls([[1.0, 1.0], [1.0, 2.0]], [3.0, 5.0]) == pytest.approx((1.0, 2.0))
 
 
 def test_a_llama_profile_at_a_new_length_is_the_profile_measured_there():

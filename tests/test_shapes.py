@@ -126,6 +126,8 @@ def test_input_shape_reads_batch_and_sequence():
     assert input_shape((), {}).family == "" and input_shape((torch.zeros(3),), {}).batch == 3
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::offload.OffloadWarning")  # tiny Llama: the reserve outweighs the budget
 def test_bench_shapes_parses_and_runs(capsys):
     from bench.shapes import default_shapes, main, parse_shapes
     assert parse_shapes("2x256, 4x64") == [(2, 256), (4, 64)]
