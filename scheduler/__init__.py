@@ -13,6 +13,7 @@ from .plan import Action, Plan, SegmentPlan
 from .planner import backward_reserve, plan, plan_uniform
 from .prefetch import issue_order, lookahead
 from .profile import Profile, SegmentRecord, TensorRecord
+from .shapes import ShapeFit
 from .simulate import Interval, Timeline, simulate
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "Hardware", "PRESETS", "get_hardware",
     # planning
     "plan", "plan_exact", "plan_uniform", "plan_in_flight", "backward_reserve", "lookahead", "issue_order",
+    # new input shapes without profiling
+    "ShapeFit",
     # prediction
     "simulate", "Timeline", "Interval",
 ]

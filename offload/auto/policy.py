@@ -1,14 +1,22 @@
 """policy="auto": measure a step, ask the scheduler for a plan, carry it out.
 
-Per input-shape signature (the shapes and dtypes of the model's inputs):
-  1. the first forwards run under a safe plan (every region recomputed: the least device
-     memory); the first of them warms up (allocator, kernels, page faults), the second is
-     measured: every saved tensor and the segment times;
+Per input-shape signature (the shapes and dtypes of the model's inputs, `inputs.py`):
+  0. once two shapes of the signature's family (the same inputs but for batch and sequence)
+     have been profiled, a new shape is planned from `scheduler.shapes.ShapeFit` with zero
+     profiling steps, whenever the fit pins down every saved storage's bytes there;
+  1. otherwise the first forwards run under the profiling plan the budget allows: every region
+     kept when no device budget is given, or when keep's peak measured at a shape of the family
+     at least as large in batch and sequence fits the budget (saved bytes never shrink as
+     batch or sequence grow); else every region recomputed (the least device memory). The
+     first of them warms up (allocator, kernels, page faults), the second is measured: every
+     saved tensor and the segment times; the profile joins the family's fit;
   2. after its backward, the next forward builds the `Profile` (with the link measured on our
      own pool), plans under the device budget less a backward reserve (below) and the host
      budget, and runs the plan;
   3. a forward whose saved tensors differ from the profile (data-dependent shapes) still runs
      correctly (the plan only ever changes where bytes live), and its signature is profiled again.
+     Under a plan from the fit, each step's saved bytes (counted exactly) join the fit; if they
+     differ from the prediction, the next forward plans again from the corrected fit.
 
 Pipeline stages (`hc.attach(stage_module)` under a `torch.distributed.pipelining` schedule): each
 micro-batch's forward is a forward, several are in flight at once, and their backwards come in
@@ -20,23 +28,27 @@ live micro-batch (scheduler.inflight).
 Under tensor parallelism every rank of the meshes the profiled forward saved DTensors on runs one
 plan, made under the ranks' smallest budget: a region recomputed on one rank and not on another
 would pair the collectives of its replay with other collectives (a hang or wrong gradients).
+So once a profiled forward saved DTensors, every new shape is profiled under full recompute and
+nothing is planned from the fit (both would rest on one rank's budget alone).
 """
 from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
 
-from scheduler import Plan, backward_reserve as scheduler_reserve, plan_in_flight
+from scheduler import Plan, backward_reserve as scheduler_reserve, plan_in_flight, plan_uniform
 from scheduler.plan import Action, SegmentPlan
+from scheduler.shapes import ShapeFit
 
 from ..transfer.linkprobe import measure_link
 from ..core.dtensor import first_rank_value, smallest_over
 from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
 from ..observe.planview import PlanView, explain_note, plan_mix
+from .inputs import InputShape, input_shape
 from .profile import build_profile
 from .workset import WorkingSetProbe
 
@@ -46,9 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PROFILING = SegmentPlan(Action.RECOMPUTE)
+_RECOMPUTE, _KEEP = SegmentPlan(Action.RECOMPUTE), SegmentPlan(Action.KEEP)
 WARMUP_FORWARDS = 1  # profiling forwards per signature that are not measured
-MAX_SIGNATURES = 16  # plans kept; each new input shape costs two profiling steps
+MAX_SIGNATURES = 16  # plans kept; a shape the fit pins down is planned again without profiling
+MAX_FAMILIES = 8  # shape fits kept (one per family of signatures)
 
 
 def backward_reserve(profile, model, default_budget: bool) -> int:
@@ -88,6 +101,15 @@ class AutoPolicy(Policy):
         self._link = None  # the host link, measured before the first forward
         self.worksets: dict[str, dict[str, int]] = {}  # signature -> segment name -> backward bytes
         self._probe: list | None = None  # [WorkingSetProbe, signature, its step's stats] over a warm-up step
+        self._shape: InputShape | None = None  # this forward's inputs
+        self._profiling = _RECOMPUTE  # the plan of a profiling forward
+        self.fits: dict[str, ShapeFit] = {}  # family -> the fit of its profiles
+        self.sources: dict[str, str] = {}  # signature -> "profile" or "fit": where its plan came from
+        self.profiling_steps = 0  # steps that ran a profiling forward
+        self.fitted_plans = 0  # plans made from a fit, with no profiling step
+        self.fit_error: float | None = None  # last fitted step: measured / predicted saved bytes - 1
+        self._profiled_step = 0  # the last step counted in profiling_steps
+        self._tensor_parallel = False  # a profiled forward saved DTensors
 
     # -- per forward ---------------------------------------------------------------------------
     def begin_forward(self, forward: "ForwardPass") -> None:
@@ -99,22 +121,57 @@ class AutoPolicy(Policy):
         self._stop_probe()
         self._finish_pending()
         self._signature = ""
+        self._shape = None
         self._plan = None
         self._decided = False
 
     def model_inputs(self, args: tuple, kwargs: dict) -> None:
         if not self._decided:
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            self._signature = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in leaves if isinstance(t, torch.Tensor))
+            self._shape = input_shape(args, kwargs)
+            self._signature = self._shape.signature
 
     def _current(self) -> Plan | None:
         if not self._decided:
             self._decided = True
-            self._plan = self.plans.get(self._signature)
-            if self._plan is None and not self._warm.get(self._signature) and self._probe is None \
-                    and self._signature not in self.worksets:
-                self._start_probe()
+            self._plan = self.plans.get(self._signature) or self._plan_from_fit()
+            if self._plan is None:
+                self._profiling = self._profiling_plan()
+                if not self._warm.get(self._signature) and self._probe is None \
+                        and self._signature not in self.worksets:
+                    self._start_probe()
         return self._plan
+
+    # -- new shapes: from the fit, or profiled under the plan the budget allows -------------------
+    def _plan_from_fit(self) -> Plan | None:
+        """Step 0: the plan for a new shape from its family's fit (None: not pinned down)."""
+        shape = self._shape
+        fit = self.fits.get(shape.family) if shape is not None and not self._tensor_parallel else None
+        if fit is None:
+            return None
+        profile = fit.predict(shape.batch, shape.seq, signature=shape.signature,
+                              min_offload_bytes=self.runtime.settings.min_offload_bytes)
+        if profile is None:
+            return None
+        self.fitted_plans += 1
+        return self._adopt(profile, {}, "fit")
+
+    def _profiling_plan(self) -> SegmentPlan:
+        """Step 1: keep when no budget is given or keep's known peak fits, else recompute."""
+        rt = self.runtime
+        if rt.settings.device_budget is None:
+            return _KEEP
+        shape = self._shape
+        if shape is None or self._tensor_parallel:
+            return _RECOMPUTE
+        budget = rt.device_budget()
+        for signature, profile in self.profiles.items():
+            at = profile.meta.get("shape")
+            if (self.sources.get(signature) == "profile" and at is not None and at.family == shape.family
+                    and at.batch >= shape.batch and at.seq >= shape.seq):
+                keep = plan_uniform(profile, Action.KEEP).predicted_peak_bytes
+                if keep + self.reserves.get(signature, 0) <= budget:
+                    return _KEEP
+        return _RECOMPUTE
 
     # -- backward's working set (measured on the warm-up step, never on a timed one) -------------
     def _start_probe(self) -> None:
@@ -153,14 +210,29 @@ class AutoPolicy(Policy):
         if failed:
             return
         if plan is None:
+            if forward.stats is not None and forward.stats.step != self._profiled_step:
+                self._profiled_step = forward.stats.step
+                self.profiling_steps += 1
             seen = self._warm.get(self._signature, 0)
             self._warm[self._signature] = seen + 1
             if seen >= WARMUP_FORWARDS:
-                self._pending = (forward, self._signature)
+                self._pending = (forward, self._signature, self._shape)
             return
         profile = self.profiles[self._signature]
         seen = {(r.id, r.nbytes) for r in forward.records}
-        if len(forward.segments) != len(plan.segments) or seen != {(r.id, r.nbytes) for r in profile.tensors}:
+        same = len(forward.segments) == len(plan.segments) and seen == {(r.id, r.nbytes) for r in profile.tensors}
+        if self.sources.get(self._signature) == "fit":
+            measured = sum(r.nbytes for r in forward.records)
+            self.fit_error = measured / profile.total_saved_bytes - 1 if profile.total_saved_bytes else None
+            shape = self._shape
+            fit = self.fits.get(shape.family) if shape is not None else None
+            if fit is not None and fit.add(shape.batch, shape.seq, build_profile(forward, None, self._link),
+                                           timed=False) and not same:
+                log.info("auto: the step at %s saved %+.2f%% bytes against the fit's prediction; planning "
+                         "it again from the corrected fit", self._signature, 100 * (self.fit_error or 0.0))
+                self.plans.pop(self._signature, None)
+                return
+        if not same:
             log.info("auto: this forward saved other tensors than its profile (signature %s); "
                      "profiling it again", self._signature)
             self.plans.pop(self._signature, None)
@@ -169,7 +241,7 @@ class AutoPolicy(Policy):
     def _finish_pending(self) -> None:
         if self._pending is None:
             return
-        forward, signature = self._pending
+        forward, signature, shape = self._pending
         timeline = forward.timeline  # its own marks: other micro-batches may run in between
         if not timeline.backward or any(end is None for _, end in timeline.backward):
             return  # its backward has not run yet
@@ -178,40 +250,59 @@ class AutoPolicy(Policy):
         rt.backend.settle()
         profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature,
                                 self.worksets.get(signature, {}))
+        profile = replace(profile, meta={**profile.meta, "shape": shape})
+        if forward.meshes:
+            self._tensor_parallel = True
+        elif shape is not None:
+            fit = self.fits.pop(shape.family, None) or ShapeFit()
+            self.fits[shape.family] = fit  # the latest family leaves last
+            while len(self.fits) > MAX_FAMILIES:
+                del self.fits[next(iter(self.fits))]
+            fit.add(shape.batch, shape.seq, profile, timed=True)
+        self._adopt(profile, forward.meshes, "profile")
+
+    def _adopt(self, profile, meshes: dict, source: str) -> Plan:
+        """Plan `profile` (from a profiling step, or the fit: `source`) and make it its
+        signature's plan."""
+        rt = self.runtime
+        signature = profile.signature
         budget = rt.device_budget()
-        if forward.meshes:  # tensor parallelism: the ranks of a mesh plan alike (dtensor.py)
-            budget = smallest_over(forward.meshes, budget)
+        if meshes:  # tensor parallelism: the ranks of a mesh plan alike (dtensor.py)
+            budget = smallest_over(meshes, budget)
         reserve = min(backward_reserve(profile, rt.settings.model, rt.settings.device_budget is None),
                       budget // 2)
         live = max(1, rt.max_in_flight)  # pipeline micro-batches in flight at once
         plan = plan_in_flight(profile, budget - reserve, rt.settings.host_budget, live,
                               keep_last=rt.settings.keep_last)
-        if forward.meshes:
-            plan = first_rank_value(forward.meshes, plan)
+        if meshes:
+            plan = first_rank_value(meshes, plan)
         for note in plan.notes:
             if "infeasible" in note:
                 warn(f"HybridCheckpointer(policy='auto'): infeasible: no plan fits the budgets for inputs "
                      f"{signature or '(none)'}: {explain_note(note)}")
             else:
                 log.info("auto plan: %s", explain_note(note))
-        if len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
+        if signature not in self.plans and len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
             oldest = next(iter(self.plans))
-            for table in (self.plans, self.profiles, self.reserves, self._warm):
+            for table in (self.plans, self.profiles, self.reserves, self._warm, self.sources, self.worksets):
                 table.pop(oldest, None)
+        self.plans.pop(signature, None)  # re-inserted last: the newest plan is forgotten last
         self.profiles[signature] = profile
         self.plans[signature] = plan
+        self.sources[signature] = source
         rt.pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
         self.reserves[signature] = reserve
-        log.info("auto plan for %s: %s; predicted step %.2f ms, peak %.1f MiB (budget %.1f MiB, "
-                 "%.1f MiB of it reserved for backward; %d forward(s) in flight)", signature or "(no inputs)",
-                 plan_mix(plan), plan.predicted_step_s * 1e3, plan.predicted_peak_bytes / 2**20, budget / 2**20,
-                 reserve / 2**20, live)
+        log.info("auto plan for %s (from the %s): %s; predicted step %.2f ms, peak %.1f MiB (budget "
+                 "%.1f MiB, %.1f MiB of it reserved for backward; %d forward(s) in flight)",
+                 signature or "(no inputs)", source, plan_mix(plan), plan.predicted_step_s * 1e3,
+                 plan.predicted_peak_bytes / 2**20, budget / 2**20, reserve / 2**20, live)
+        return plan
 
     # -- decisions -----------------------------------------------------------------------------
     def region(self, site: RegionSite, segment: int) -> SegmentPlan:
         plan = self._current()
         if plan is None:
-            return _PROFILING
+            return self._profiling
         return plan.segments[segment] if segment < len(plan.segments) else SegmentPlan(Action.KEEP)
 
     def gap(self, segment: int, tail: bool) -> SegmentPlan:
@@ -232,6 +323,15 @@ class AutoPolicy(Policy):
         if plan is None:
             return None
         return PlanView.of(plan, self.profiles.get(plan.signature), self.reserves.get(plan.signature, 0))
+
+    def shapes(self) -> dict:
+        """Profiling steps run, plans made from a fit, and where the current plan came from."""
+        plan = self._plan
+        source = self.sources.get(plan.signature) if plan is not None else None
+        return dict(profiling_steps=self.profiling_steps, profiled_shapes=sum(
+                        f.timed_shapes for f in self.fits.values()),
+                    fitted_plans=self.fitted_plans,
+                    plan_source=source, fit_error=self.fit_error if source == "fit" else None)
 
     def prediction(self) -> dict | None:
         """The plan's figures and per-segment rows (`planview.describe`); offloaded bytes count

@@ -12,13 +12,16 @@ if TYPE_CHECKING:
     from ..core.hooks import ForwardPass
 
 
-def build_profile(fp: "ForwardPass", tl: ResolvedTimeline, link: Link, signature: str,
-                  worksets: dict[str, int]) -> Profile:
+def build_profile(fp: "ForwardPass", tl: ResolvedTimeline | None, link: Link, signature: str = "",
+                  worksets: dict[str, int] | None = None) -> Profile:
     """Segments with their measured forward and backward times (replays subtracted from the
-    backward they ran in), the tensors the forward saved, and the measured link."""
+    backward they ran in), the tensors the forward saved, and the measured link. Without a
+    timeline (`tl` None: an ordinary step, never synchronized for its times) the times are 0:
+    only the bytes are measured."""
     forward: dict[str, float] = {}
     backward: dict[str, float] = {}
-    for span in tl.of("compute"):
+    worksets = worksets or {}
+    for span in tl.of("compute") if tl is not None else ():
         if span.kind == "forward":
             forward[span.label] = forward.get(span.label, 0.0) + span.end - span.start
         elif span.kind == "backward":

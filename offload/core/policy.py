@@ -65,6 +65,10 @@ class Policy:
         """What the plan predicted for this step (policy="auto"), for the report."""
         return None
 
+    def shapes(self) -> dict | None:
+        """Profiling steps run and where the plan came from (policy="auto"), for the report."""
+        return None
+
     def close(self) -> None:
         """The checkpointer closes: stop whatever the policy still runs."""
 

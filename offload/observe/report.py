@@ -70,6 +70,11 @@ class Report:
     # the plan, when policy="auto": `planview.describe`'s figures, per-segment rows and notes,
     # plus step_error / peak_error: measured / predicted - 1
     predicted: dict | None = None
+    # policy="auto": profiling steps so far (profiling_steps), shapes profiled, plans made from
+    # the shape fit with no profiling step (fitted_plans), where this step's plan came from
+    # (plan_source: "fit" or "profile", None while profiling) and, for a plan from the fit, its
+    # saved bytes measured / predicted - 1 (fit_error)
+    shapes: dict | None = None
     # verify mode: tensors compared, mismatches, max abs diff, per segment and the first mismatch
     verify: dict | None = None
     # NVML/psutil, when a Monitor is attached
@@ -137,7 +142,7 @@ class Report:
             saved_peak_bytes=s.saved_peak_bytes, saved_peak_parts=dict(s.saved_peak_parts),
             over_budget=s.saved_peak_bytes > budget, min_offload_bytes=rt.settings.min_offload_bytes,
             small_count=s.small_count, small_bytes=s.small_bytes, segments=segs,
-            predicted=predicted, monitor=monitor, _timeline=tl, _samples=samples,
+            predicted=predicted, shapes=rt.policy.shapes(), monitor=monitor, _timeline=tl, _samples=samples,
             _saved_series=list(s.saved_series),
             verify=s.verify.to_dict() if s.verify is not None else None)
 
@@ -222,6 +227,8 @@ class Report:
                                                                  f"{fmt_bytes(self.offloaded_bytes // per)}{each}"))
             rows.append(("plan: recomputed predicted / measured", f"{fmt_bytes(p['recomputed_bytes'])} / "
                                                                   f"{fmt_bytes(self.recomputed_bytes // per)}{each}"))
+        if self.shapes is not None:
+            rows += _shape_rows(self.shapes)
         if self.monitor is not None:
             m = self.monitor
             if m.get("nvml_available"):
@@ -262,6 +269,21 @@ class Report:
             share = self.saved_peak_bytes / self.device_budget if self.device_budget else 0.0
             verdict = f"within the device budget ({share:.0%} of it)"
         return f"{fmt_bytes(self.saved_peak_bytes)} measured, {verdict}; at the peak: {parts or 'nothing'}"
+
+
+def _shape_rows(sh: dict) -> list[tuple[str, str]]:
+    """policy="auto": profiling steps, and whether this step's plan came from the shape fit."""
+    rows = [("auto: profiling steps", f"{sh['profiling_steps']} ({sh['profiled_shapes']} shape(s) profiled); "
+                                      f"{sh['fitted_plans']} plan(s) from the shape fit, with no profiling step")]
+    source = sh["plan_source"]
+    if source == "fit":
+        error = "" if sh["fit_error"] is None else f" (saved bytes measured vs predicted {sh['fit_error']:+.2%})"
+        rows.append(("auto: this plan", "from the shape fit" + error))
+    elif source == "profile":
+        rows.append(("auto: this plan", "from a profiling step of this shape"))
+    else:
+        rows.append(("auto: this plan", "none yet: this step profiled"))
+    return rows
 
 
 def _gbps(x: float | None) -> str:
