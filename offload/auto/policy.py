@@ -38,7 +38,6 @@ import weakref
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-
 from scheduler import Plan, backward_reserve as scheduler_reserve, plan_in_flight, plan_uniform
 from scheduler.plan import Action, SegmentPlan
 from scheduler.shapes import ShapeFit
