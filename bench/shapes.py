@@ -1,10 +1,10 @@
 """`python -m bench.shapes`: policy="auto" over many input shapes, planned from the shape fit.
 
 One model trains a few seeded steps at each of several (batch, sequence) shapes under
-policy="auto" at a fixed device budget (a share of keep's measured peak at the largest shape),
-and the same steps run plain. Per shape it prints how many profiling steps the shape took and
+policy="auto" at a fixed device budget (a share of keep's measured saved-activation peak at the
+largest shape), and the same steps run plain. Per shape it prints how many profiling steps the shape took and
 where its plan came from, the fit's saved bytes against the bytes the step saved, the plan's
-predicted step time against the measured one, the measured peak against the budget, and
+predicted step time against the measured one, the measured saved-activation peak against the budget, and
 whether the gradients equal plain's. The last lines sum the profiling steps against the two per
 shape auto took before the fit. Exit status 1 if gradients differ on the CPU or a peak of a
 planned step exceeds the budget.
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from offload import HybridCheckpointer, PeakMemory
+from offload import HybridCheckpointer
 
 from .presets import PRESETS, default_preset
 
@@ -42,19 +42,17 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run(model, hc, shapes, preset, device, steps: int):
-    """Per step: (loss, grads, peak bytes of the shape's last step or None, report or None)."""
+    """Per step: (loss, grads, report or None)."""
     out = []
     for b, s in shapes:
         for k in range(steps):
             idx, tgt = preset.batch_for(device, seed=k, batch=b, seq=s)
             torch.manual_seed(1000 + k)
-            last = k == steps - 1  # after the profiling steps: the profiler would stop auto's probe
-            with PeakMemory(device) if last else contextlib.nullcontext() as pm:
-                with hc if hc is not None else contextlib.nullcontext():
-                    _, loss = model(idx, tgt)
-                loss.backward()
+            with hc if hc is not None else contextlib.nullcontext():
+                _, loss = model(idx, tgt)
+            loss.backward()
             out.append((loss.detach(), [p.grad.clone() for p in model.parameters()],
-                        pm.peak_bytes if last else None, hc.report() if hc is not None else None))
+                        hc.report() if hc is not None else None))
             model.zero_grad(set_to_none=True)
     return out
 
@@ -72,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes or default_shapes(preset.batch, preset.seq)
     preset = preset.with_sizes(seq=max(s for _, s in shapes))
     largest = max(shapes, key=lambda bs: bs[0] * bs[1])
-    plain = run(preset.build(device), None, [largest], preset, device, 1)
-    budget = int(args.budget * plain[0][2])
+    keep_model = preset.build(device)  # the budget bounds activation memory: keep's saved peak
+    keep = HybridCheckpointer(keep_model, policy="keep", min_offload_bytes=preset.min_offload_bytes)
+    budget = int(args.budget * run(keep_model, keep, [largest], preset, device, 1)[0][2].saved_peak_bytes)
+    keep.close()
     print(f"{preset.name}: {preset.description}; device budget {budget / 2**20:.1f} MiB "
           f"({args.budget:.0%} of keep's peak at {largest[0]}x{largest[1]}), {args.steps} steps per shape")
     ref = run(preset.build(device), None, shapes, preset, device, args.steps)
@@ -86,16 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ok, profiled_before, errors = True, 0, []
     for i, (b, s) in enumerate(shapes):
         rows = got[i * args.steps:(i + 1) * args.steps]
-        r = rows[-1][3]
+        r = rows[-1][2]
         sh = r.shapes
         profiled, profiled_before = sh["profiling_steps"] - profiled_before, sh["profiling_steps"]
         same = all(torch.equal(a[0], g[0]) and all(torch.equal(x, y) for x, y in zip(a[1], g[1]))
                    for a, g in zip(ref[i * args.steps:(i + 1) * args.steps], rows))
-        fitted = rows[0][3].shapes["plan_source"] == "fit"
-        err = rows[0][3].shapes["fit_error"] if fitted else None
+        fitted = rows[0][2].shapes["plan_source"] == "fit"
+        err = rows[0][2].shapes["fit_error"] if fitted else None
         if err is not None:
             errors.append(err)
-        peak = rows[-1][2]
+        peak = r.saved_peak_bytes
         ok &= peak <= budget and (same or device.type != "cpu")
         step = r.predicted["step_error"] if r.predicted else None
         saved = sum(g["saved_bytes"] for g in r.predicted["segments"])
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{saved / 2**20:>14.2f} {_pct(err):>8} {_pct(step):>14} "
               f"{peak / budget:>10.0%} {'bitwise' if same else 'DIFFER':>8}")
     n = len(shapes)
-    total = got[-1][3].shapes["profiling_steps"]
+    total = got[-1][2].shapes["profiling_steps"]
     print(f"profiling steps: {total} over {n} shapes ({PROFILING_BEFORE * n} at {PROFILING_BEFORE} per shape "
           f"before the fit: {PROFILING_BEFORE * n - total} saved); {len(errors)} shapes planned from the fit, "
           f"saved bytes within {max((abs(e) for e in errors), default=0.0):.2%} of the prediction")

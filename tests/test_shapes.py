@@ -67,18 +67,21 @@ def test_six_lengths_train_bitwise_with_two_profiled_and_four_from_the_fit(plain
     # peak of every fitted length stays within the budget
     assert len({r.predicted["mix"] + str(r.predicted["offloaded_bytes"]) for _, _, _, r in got[4:]}) > 1
     assert hc.plan.profile.has_working_sets  # measured on the profiling steps, fitted since
-    assert all(peak <= budget for _, _, peak, _ in got[4:]), [p for _, _, p, _ in got]
+    # (the budget bounds activation memory, not the gradients PeakMemory also sees)
+    assert all(r.saved_peak_bytes <= budget for _, _, _, r in got[4:]), [r.saved_peak_bytes for *_, r in got]
     assert not any("cannot be met" in n for _, _, _, r in got[4:] for n in r.predicted["notes"])
     text = str(got[-1][3])
     assert "4 (2 shape(s) profiled); 4 plan(s) from the shape fit" in text and "from the shape fit" in text
 
 
-def test_first_profile_keeps_everything_when_no_budget_is_given():
+def test_first_profile_recomputes_when_keeps_peak_is_unknown_even_without_a_budget():
+    """The default budget is free device memory, which keep's unknown peak may exceed: a first
+    step run out of memory would be lost, so the first shape profiles under recompute."""
     model = tiny_gpt()
     hc = HybridCheckpointer(model, policy="auto", host_budget="64MiB", min_offload_bytes=MIN_OFFLOAD)
     (_, _, _, r), = steps(model, hc, (64,), per_shape=1)
     assert r.shapes["profiling_steps"] == 1 and r.shapes["plan_source"] is None
-    assert (r.replays, r.recomputed_bytes) == (0, 0)
+    assert r.replays > 0 and r.recomputed_bytes > 0
 
 
 def test_a_profile_under_a_budget_that_fits_keep_runs_no_recompute(plain):

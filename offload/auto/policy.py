@@ -5,9 +5,10 @@ Per input-shape signature (the shapes and dtypes of the model's inputs, `inputs.
      have been profiled, a new shape is planned from `scheduler.shapes.ShapeFit` with zero
      profiling steps, whenever the fit pins down every saved storage's bytes there;
   1. otherwise the first forwards run under the profiling plan the budget allows: every region
-     kept when no device budget is given, or when keep's peak measured at a shape of the family
-     at least as large in batch and sequence fits the budget (saved bytes never shrink as
-     batch or sequence grow); else every region recomputed (the least device memory). The
+     kept when keep's peak measured at a shape of the family at least as large in batch and
+     sequence fits the budget (saved bytes never shrink as batch or sequence grow); else every
+     region recomputed (the least device memory: keep's peak is unknown at the first shape,
+     and the default budget, free memory, may not hold it). The
      first of them warms up (allocator, kernels, page faults), the second is measured: every
      saved tensor and the segment times; the profile joins the family's fit;
   2. after its backward, the next forward builds the `Profile` (with the link measured on our
@@ -155,10 +156,9 @@ class AutoPolicy(Policy):
         return self._adopt(profile, {}, "fit")
 
     def _profiling_plan(self) -> SegmentPlan:
-        """Step 1: keep when no budget is given or keep's known peak fits, else recompute."""
+        """Step 1: keep when keep's known peak fits, else recompute. Without a known peak keep
+        is not tried, budget or none: a first step that runs out of device memory loses it."""
         rt = self.runtime
-        if rt.settings.device_budget is None:
-            return _KEEP
         shape = self._shape
         if shape is None or self._tensor_parallel:
             return _RECOMPUTE
