@@ -11,12 +11,12 @@ from .hardware import PRESETS, Hardware, get_hardware
 from .plan import Action, Plan, SegmentPlan
 from .planner import backward_reserve, plan, plan_uniform
 from .prefetch import issue_order, lookahead
-from .profile import Profile, SegmentRecord, TensorRecord
+from .profile import OpRecord, Profile, SegmentRecord, TensorRecord
 from .simulate import Interval, Timeline, simulate
 
 __all__ = [
     # the contract with offload
-    "Action", "SegmentPlan", "Plan", "Profile", "SegmentRecord", "TensorRecord",
+    "Action", "SegmentPlan", "Plan", "Profile", "SegmentRecord", "TensorRecord", "OpRecord",
     # hardware figures
     "Hardware", "PRESETS", "get_hardware",
     # planning
