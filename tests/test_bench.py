@@ -51,7 +51,8 @@ def test_quick_run_prints_table_writes_json_and_png(tmp_path):
     contenders, skipped = data["contenders"], {s["name"] for s in data["skipped"]}
     assert set(FIXED) <= set(contenders)
     for frac in data["meta"]["auto_budget_fractions"]:  # each auto budget either ran or says why not
-        assert (f"auto@{frac:.0%}" in contenders) != (f"auto@{frac:.0%}" in skipped)
+        for name in (f"auto@{frac:.0%}", f"auto-block@{frac:.0%}"):  # op level and whole blocks
+            assert (name in contenders) != (name in skipped), name
     for name, r in contenders.items():
         assert r["grads_match"] is True, f"{name}: gradients differ from plain by {r['grads_max_abs_diff']}"
         assert r["step_s"] > 0 and r["peak_bytes"] > 0

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
-from offload import EmulatedBackend, HybridCheckpointer, PeakMemory
+from offload import EmulatedBackend, HybridCheckpointer
 from offload.auto.storeops import StoreOps
 
 from .conftest import assert_bitwise, tiny_gpt, train
@@ -103,3 +103,17 @@ def test_store_ops_stores_only_the_profiled_op_at_each_position():
     mm, tanh = torch.ops.aten.mm.default, torch.ops.aten.tanh.default
     got = [policy(ctx, op) for op in (mm, tanh, tanh, mm)]  # position 2 ran another op: replayed
     assert got == [CheckpointPolicy.MUST_SAVE] + [CheckpointPolicy.PREFER_RECOMPUTE] * 3
+
+
+def test_block_granularity_profiles_no_ops_and_bad_values_are_refused():
+    model = Stack()
+    hc = HybridCheckpointer(model, policy="auto", device_budget="1GiB", host_budget="64MiB",
+                            backend=EmulatedBackend(), granularity="block")
+    for _ in range(3):
+        with hc:
+            loss = model(torch.randn(8, 64))
+        loss.backward()
+    profile = next(iter(hc._runtime.policy.profiles.values()))
+    assert not any(s.ops for s in profile.segments)
+    with pytest.raises(ValueError, match="granularity='ops'"):
+        HybridCheckpointer(model, granularity="ops")

@@ -13,7 +13,8 @@ Per input-shape signature (the shapes and dtypes of the model's inputs):
 Op level: the warm-up forward also runs each region call under an `OpProbe` (opprofile.py), so
 the profile carries every region's ops (bytes, time) and the planner may recompute a region
 selectively; such a region call then gets a `StoreOps` op policy (storeops.py) that stores the
-chosen ops' outputs through selective.py's mechanism. Not with a user's `op_policy` (it wins).
+chosen ops' outputs through selective.py's mechanism. Not with a user's `op_policy` (it wins),
+nor with granularity="block".
 
 Under tensor parallelism every rank of the meshes the profiled forward saved DTensors on runs one
 plan, made under the ranks' smallest budget: a region recomputed on one rank and not on another
@@ -235,7 +236,8 @@ class AutoPolicy(Policy):
 
     def op_probe(self, site: RegionSite, segment: int) -> OpProbe | None:
         """On the warm-up forward of an input shape, an `OpProbe` per region call."""
-        if self._plan is not None or self._warm.get(self._signature) or self.runtime.settings.op_policy:
+        settings = self.runtime.settings
+        if self._plan is not None or self._warm.get(self._signature) or settings.op_policy or not settings.op_level:
             return None
         probe = self._op_probes[segment] = OpProbe(self.runtime.backend.mark)
         return probe
