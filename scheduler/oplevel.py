@@ -19,7 +19,11 @@ first, while their bytes fit a cap (a greedy fill that skips what does not fit).
 (`choose`) tries caps at several shares of the segment's saved bytes, the same share in every
 segment (repeated blocks have the same ops), plans each with the block-level search, and keeps
 whichever plan is best: within budget first, then the shortest simulated step. The block
-plan (S empty everywhere) is always among them: block-level plans stay the coarse case.
+plan (S empty everywhere) is always among them: block-level plans stay the coarse case. Last,
+a local search (`refine`, from the block plan, from full recompute and from the best) gives
+each recomputed segment, one at a time, the store set of another share (or none: full
+recompute) where the simulated plan gets better, so a plan may mix full and selective
+recompute (a budget that stores the matmuls of some blocks only).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import dataclasses
 import logging
 from typing import Callable, Mapping, Sequence
 
-from .plan import Action, Plan
+from .plan import Action, Plan, SegmentPlan
 from .profile import Profile, SegmentRecord
 
 log = logging.getLogger(__name__)
@@ -105,10 +109,11 @@ def stores_of(plan: Plan) -> dict[int, tuple[int, ...]]:
 
 
 def choose(profile: Profile, block_plan: Plan, plan_blocks: Callable[[Profile], Plan],
-           device_budget: int, host_budget: int | None) -> Plan:
+           predict: Callable[[Plan], Plan], device_budget: int, host_budget: int | None) -> Plan:
     """The best of `block_plan` and the plans `plan_blocks` makes with every segment's
-    RECOMPUTE selective at each share of `SHARES` (module docstring). Plans are ranked by
-    budget overrun (bytes), then simulated step time, then device peak."""
+    RECOMPUTE selective at each share of `SHARES`, then `refine`d (module docstring). Plans
+    are ranked by budget overrun (bytes), then simulated step time, then device peak;
+    `predict` fills in a plan's simulated figures."""
     def key(p: Plan) -> tuple[int, float, int]:
         over = max(0, p.predicted_peak_bytes - device_budget)
         if host_budget is not None:
@@ -130,5 +135,38 @@ def choose(profile: Profile, block_plan: Plan, plan_blocks: Callable[[Profile], 
             continue
         if key(candidate) < key(best):
             best = candidate
+    full = predict(dataclasses.replace(block_plan, offload_ids=frozenset(), notes=(), segments=tuple(
+        SegmentPlan(Action.RECOMPUTE if s.recomputable else Action.KEEP) for s in profile.segments)))
+    starts = [block_plan, full] + ([best] if best is not block_plan else [])
+    best = min((refine(profile, p, predict, key) for p in starts), key=key)
     log.debug("op level: %s", "selective" if best is not block_plan else "block plan kept")
+    return best
+
+
+def refine(profile: Profile, plan: Plan, predict: Callable[[Plan], Plan],
+           key: Callable[[Plan], tuple], passes: int = 2) -> Plan:
+    """Local search over the store sets of `plan`'s RECOMPUTE segments: each in turn takes the
+    store set (of any share in `SHARES`, or none) that makes `key` least, the other segments'
+    actions fixed; up to `passes` rounds while one improves."""
+    options: dict[int, list[tuple[int, ...]]] = {}
+    for i, sp in enumerate(plan.segments):
+        seg = profile.segments[i]
+        if sp.action is Action.RECOMPUTE and seg.ops:
+            sets = dict.fromkeys([()] + [store_set(seg, int(share * profile.saved_bytes(i)))
+                                         for share in SHARES])
+            options[i] = list(sets)
+    best, best_key = plan, key(plan)
+    for _ in range(passes):
+        improved = False
+        for i, sets in options.items():
+            for chosen in sets:
+                if chosen == best.segments[i].store_ops:
+                    continue
+                segments = list(best.segments)
+                segments[i] = dataclasses.replace(segments[i], store_ops=chosen)
+                trial = predict(dataclasses.replace(best, segments=tuple(segments)))
+                if key(trial) < best_key:
+                    best, best_key, improved = trial, key(trial), True
+        if not improved:
+            break
     return best

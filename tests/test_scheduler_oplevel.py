@@ -95,3 +95,17 @@ def test_block_plans_stay_where_selective_does_not_pay():
     got = plan(p, rec.predicted_peak_bytes, None)
     assert not any(sp.selective for sp in got.segments)
     assert got.predicted_peak_bytes <= rec.predicted_peak_bytes
+
+
+def test_refine_mixes_full_and_selective_recompute_where_only_some_blocks_can_store():
+    p = profile()
+    rec = plan_uniform(p, Action.RECOMPUTE)
+    budget = rec.predicted_peak_bytes + 250 * MB  # room for one block's two matmul outputs
+    got = plan(p, budget, None)
+    kinds = ["S" if sp.selective else sp.action.name[0]
+             for sp, s in zip(got.segments, p.segments) if s.recomputable]
+    assert "S" in kinds and "R" in kinds, kinds
+    assert got.predicted_peak_bytes <= budget < plan_uniform(p, Action.KEEP).predicted_peak_bytes
+    assert got.predicted_step_s < rec.predicted_step_s
+    tl = simulate(p, got)
+    assert (tl.step_s, tl.peak_device_bytes) == (got.predicted_step_s, got.predicted_peak_bytes)
