@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_fractions, default=DEFAULT_BUDGETS,
                    help="policy='auto' device budgets as fractions of keep's peak (main bench) or of "
                         "the cap (--max-fit); default 0.7,0.5,0.3")
+    p.add_argument("--host-budget", metavar="SIZE",
+                   help="pinned host memory each of our contenders may hold (bytes, or '64MiB'), instead "
+                        "of the preset's; a small one leaves 'auto' keep, recompute and selective recompute")
     p.add_argument("--skip-main", action="store_true",
                    help="run only the sections asked for (--max-fit, --steps, --soak, --budget-use)")
     p.add_argument("--max-fit", metavar="CAP",
@@ -312,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     preset = PRESETS[args.preset or ("quick" if args.quick else default_preset(device))]
+    if args.host_budget is not None:
+        preset = dataclasses.replace(preset, host_budget=args.host_budget)
     args.repeats = args.repeats or (1 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -176,20 +176,22 @@ class Hybrid(Contender):
 
 
 class HybridAuto(Hybrid):
-    """Our runtime with policy="auto" under a device budget (bytes)."""
+    """Our runtime with policy="auto" under a device budget (bytes): "auto@30%" at op level (the
+    default), "auto-block@30%" with whole blocks only (granularity="block")."""
 
     family = AUTO
     # policy="auto" profiles its first two forwards and plans before the third, measuring the host
     # link inside it (offload/auto/policy.py): from the fourth step on the plan runs undisturbed.
     settle_steps = 3
 
-    def __init__(self, device_budget: int, label: str, settings: RuntimeSettings):
+    def __init__(self, device_budget: int, label: str, settings: RuntimeSettings, granularity: str = "op"):
         super().__init__("auto", settings)
         self.device_budget = device_budget
-        self.name = f"auto@{label}"
+        self.granularity = granularity
+        self.name = f"auto@{label}" if granularity == "op" else f"auto-{granularity}@{label}"
 
     def _runtime_kwargs(self) -> dict:
-        return dict(super()._runtime_kwargs(), device_budget=self.device_budget)
+        return dict(super()._runtime_kwargs(), device_budget=self.device_budget, granularity=self.granularity)
 
 
 def baselines() -> list[Contender]:

@@ -26,6 +26,9 @@ from .results import ContenderResult, Skipped
 
 log = logging.getLogger(__name__)
 
+# The main bench runs policy="auto" at op level and, at the same budgets, with whole blocks only.
+AUTO_GRANULARITIES = ("op", "block")
+
 
 @dataclass(frozen=True)
 class SuiteConfig:
@@ -45,10 +48,11 @@ def runtime_settings(preset: Preset) -> RuntimeSettings:
 
 
 def auto_contenders(fractions: tuple[float, ...], reference_bytes: int, settings: RuntimeSettings,
-                    of: str = "") -> list[HybridAuto]:
-    """policy="auto" at each fraction of `reference_bytes`, named by the percentage ("auto@30%",
-    or "auto@30%cap" with of="cap")."""
-    return [HybridAuto(int(f * reference_bytes), f"{f:.0%}{of}", settings) for f in fractions]
+                    of: str = "", granularities: tuple[str, ...] = ("op",)) -> list[HybridAuto]:
+    """policy="auto" at each fraction of `reference_bytes` and each granularity, named by the
+    percentage ("auto@30%", "auto-block@30%", or "auto@30%cap" with of="cap")."""
+    return [HybridAuto(int(f * reference_bytes), f"{f:.0%}{of}", settings, g)
+            for f in fractions for g in granularities]
 
 
 def attach_auto(contender: HybridAuto, model: nn.Module, blocks: str, batch: Batch) -> Attached | Skipped:
@@ -76,12 +80,14 @@ def run_suite(cfg: SuiteConfig) -> tuple[dict[str, ContenderResult], list[Skippe
     attached = {name: c.attach(copy.deepcopy(base), preset.blocks) for name, c in contenders.items()}
 
     checks: dict[str, Check] = {}
-    with Progress(len(attached) + len(cfg.budgets), "memory + gradients", enabled=cfg.progress) as bar:
+    autos = len(cfg.budgets) * len(AUTO_GRANULARITIES)
+    with Progress(len(attached) + autos, "memory + gradients", enabled=cfg.progress) as bar:
         for name, att in attached.items():
             checks[name] = check_pass(att, batch, device)
             bar.advance(name)
         skipped = []
-        for c in auto_contenders(cfg.budgets, checks["keep"].peak_bytes, settings):
+        for c in auto_contenders(cfg.budgets, checks["keep"].peak_bytes, settings,
+                                 granularities=AUTO_GRANULARITIES):
             att = attach_auto(c, copy.deepcopy(base), preset.blocks, batch)
             if isinstance(att, Skipped):
                 log.debug("skipping %s: %s", att.name, att.reason)  # printed with the table

@@ -72,6 +72,9 @@ class HybridCheckpointer:
             at the first one; an `offload.Verify` sets the tolerance for recomputed tensors and
             the host bytes of reference copies (checksums beyond). A debugging mode: it copies
             each such tensor to the host at save and at unpack.
+        granularity: what policy="auto" may recompute: "op" (whole regions, or regions that
+            store the outputs of their dearest ops and replay the rest: selective recompute
+            chosen from an op profile of the warm-up step) or "block" (whole regions only).
 
     Memory guarantee (fixed policies): saved activations on the device are at most
     kept + in-flight D2H + reloaded-and-not-yet-released + one recomputed region; pinned host
@@ -84,12 +87,15 @@ class HybridCheckpointer:
                  backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
                  lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20,
                  monitor: "Monitor | bool" = False, op_policy: Callable | None = None,
-                 verify: "bool | str | Verify" = False):
+                 verify: "bool | str | Verify" = False, granularity: str = "op"):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
         if op_policy is not None and not callable(op_policy):
             raise TypeError(f"HybridCheckpointer(op_policy={op_policy!r}): expected a function "
                             f"(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy")
+        if granularity not in ("op", "block"):
+            raise ValueError(f"HybridCheckpointer(granularity={granularity!r}): expected 'op' (auto may "
+                             f"recompute regions selectively, op by op) or 'block' (whole regions only)")
         resolved = resolve_regions(model, regions)
         fixed = resolve_policy(policy)
         if isinstance(fixed, FixedPolicy) and fixed.action is Action.RECOMPUTE and not resolved:
@@ -109,7 +115,7 @@ class HybridCheckpointer:
             model=model, regions=resolved, device_budget=device_budget, host_budget=host_budget,
             min_offload_bytes=backend.default_min_offload_bytes if min_offload_bytes is None else min_offload_bytes,
             derive_threshold=min_offload_bytes is None, keep_last=keep_last, lookahead=lookahead,
-            op_policy=op_policy, verify=resolve_verify(verify),
+            op_policy=op_policy, verify=resolve_verify(verify), op_level=granularity == "op",
             policy_name=(policy if isinstance(policy, str) else policy.value if isinstance(policy, Action)
                          else getattr(policy, "__name__", "callable")))
         self._runtime = Runtime(settings, backend, HostPool(backend, host_budget, slab_bytes))

@@ -12,13 +12,13 @@ from .inflight import plan_in_flight
 from .plan import Action, Plan, SegmentPlan
 from .planner import backward_reserve, plan, plan_uniform
 from .prefetch import issue_order, lookahead
-from .profile import Profile, SegmentRecord, TensorRecord
+from .profile import OpRecord, Profile, SegmentRecord, TensorRecord
 from .shapes import ShapeFit
 from .simulate import Interval, Timeline, simulate
 
 __all__ = [
     # the contract with offload
-    "Action", "SegmentPlan", "Plan", "Profile", "SegmentRecord", "TensorRecord",
+    "Action", "SegmentPlan", "Plan", "Profile", "SegmentRecord", "TensorRecord", "OpRecord",
     # hardware figures
     "Hardware", "PRESETS", "get_hardware",
     # planning

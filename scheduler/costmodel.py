@@ -59,12 +59,14 @@ def h2d_window_s(profile: Profile, segment: int, lookahead: int) -> float:
 
 
 def recompute_seconds(profile: Profile, segment: int) -> float:
-    """Seconds a RECOMPUTE of `segment` adds to backward: its forward again, F_segment.
+    """Seconds a RECOMPUTE of `segment` adds to backward: its forward again, F_segment (or its
+    `replay_s`: a selective replay runs only the ops whose outputs were not stored).
 
     The replay runs on the compute stream right before the segment's backward, so none of it
     is hidden (DESIGN.md §5, second bullet; the ~+33% of full checkpointing in §7 is this sum).
     """
-    return profile.segments[segment].forward_s
+    seg = profile.segments[segment]
+    return seg.forward_s if seg.replay_s is None else seg.replay_s
 
 
 def freed_per_exposed_second(bytes_freed: float, exposed_s: float) -> float:

@@ -21,10 +21,19 @@ class SegmentPlan:
     - OFFLOAD: the tensors whose ids are in `Plan.offload_ids` move to the host, the rest stay.
     - RECOMPUTE: the segment's saved tensors are dropped and replayed; its inputs are offloaded
       when `offload_inputs` is True, kept otherwise. Only recomputable segments may get it.
+      With `store_ops` it is selective recompute: the outputs of those ops (`OpRecord.index`
+      positions in the segment's profile) are stored on the device in forward and handed back
+      in the replay, which runs only the other ops.
     """
 
     action: Action
     offload_inputs: bool = False
+    store_ops: tuple[int, ...] = ()  # RECOMPUTE only: op positions whose outputs are stored
+
+    @property
+    def selective(self) -> bool:
+        """True for selective recompute (a RECOMPUTE that stores some ops' outputs)."""
+        return self.action is Action.RECOMPUTE and bool(self.store_ops)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,13 @@ Rule 5 (baselines). The plan is never worse than full recompute or offload-all (
 kept) when they fit: if one of them beats the search's plan (in budget overrun, then step
 time), it is returned (DESIGN.md §7: never slower than full recompute at any budget).
 
+Rule 6 (op level). When the profile carries the ops of its regions (`SegmentRecord.ops`), the
+plans above are made again with each recomputed region selective (storing the outputs of the
+ops dearest to recompute per byte, `oplevel`) at several store caps, and the best plan of all
+is returned: within budget first, then the fastest simulated step; a local search then gives
+single recomputed segments another store set (or none), so full and selective recompute can mix.
+Block-level plans stay the coarse case.
+
 The budget and the backward working set. `device_budget` bounds saved activations plus, while
 a segment's backward runs, its `backward_working_set_bytes`. A profile without measured working
 sets models none; `backward_reserve` says how much of the budget the caller should then hold
@@ -61,9 +68,11 @@ back (and returns 0 for a profile that carries them).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Sequence
 
+from . import oplevel
 from .construct import construct
 from .hardware import Hardware
 from .plan import Action, Plan, SegmentPlan
@@ -167,6 +176,25 @@ def plan(profile: Profile, device_budget: int, host_budget: int | None,
     check_budgets("plan", device_budget, host_budget)
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"plan: keep_last must be a non-negative int, got {keep_last!r}")
+
+    def plan_blocks(p: Profile) -> Plan:
+        return _plan_blocks(p, device_budget, host_budget, hardware, keep_last)
+
+    def predict(p: Plan) -> Plan:  # a plan's figures on the simulator, its store sets costed
+        tl = Simulator(oplevel.apply(profile, oplevel.stores_of(p)), hardware).timeline(p)
+        return dataclasses.replace(p, predicted_step_s=tl.step_s, predicted_peak_bytes=tl.peak_device_bytes,
+                                   predicted_host_bytes=tl.peak_host_bytes)
+
+    best = plan_blocks(profile)
+    moves = any(sp.action is not Action.KEEP for sp in best.segments)
+    if moves and any(s.ops for s in profile.segments):  # rule 6
+        best = oplevel.choose(profile, best, plan_blocks, predict, device_budget, host_budget)
+    return best
+
+
+def _plan_blocks(profile: Profile, device_budget: int, host_budget: int | None,
+                 hardware: Hardware | None, keep_last: int) -> Plan:
+    """Rules 1-5: the plan with whole segments recomputed (no op-level choice)."""
     sim = Simulator(profile, hardware)
     search = Search(sim, device_budget, host_budget, resident_tail(sim, keep_last))
     (codes, ids), notes = solve(search)

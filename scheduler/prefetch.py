@@ -35,7 +35,7 @@ def formula_lookahead(sim: Simulator, codes: tuple[int, ...], offload_ids: froze
             continue
         window = sim.backward_s[before]
         if codes[before] >= RECOMPUTE:  # its replay runs before its backward, on compute too
-            window += sim.forward_s[before]
+            window += sim.replay_s[before]
         d_s = n - 1 if window <= 0 else math.ceil(reload_s / window) + 1
         d = max(d, d_s)
     return max(1, min(d, n - 1))

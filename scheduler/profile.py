@@ -18,6 +18,14 @@ Fields added after the first runtime (all with defaults, so older callers keep w
   temporaries; the LM head's fp32 logits gradient), at their peak, in bytes; freed when that
   backward ends. 0 (not measured) means none is modelled: the caller then has to keep a reserve
   under the budget itself (`scheduler.backward_reserve`).
+- `SegmentRecord.ops`: the segment's ops in forward order (`OpRecord`), measured on a profiling
+  step; empty (not measured) for synthetic profiles and segments outside regions. What the
+  op-level planner (`oplevel`) chooses selective recompute from.
+- `SegmentRecord.replay_s` / `replay_bytes`: what a replay of the segment costs in seconds and
+  re-materialises in device bytes; None means a full replay (`forward_s`, and the bytes it
+  saved less those a later segment saves again). `held_bytes`: device bytes a RECOMPUTE of it
+  holds from the start of its forward to the end of its backward besides its inputs (never
+  offloaded). Set by `oplevel.apply` for selective recompute (the stored op outputs).
 """
 from __future__ import annotations
 
@@ -46,6 +54,22 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
+class OpRecord:
+    """One op of a region's forward, as selective recompute can name it.
+
+    `index` is the op's position among the ops whose outputs may be stored (not views, not
+    random: the ones `Plan` store sets refer to) in the region's forward, counted from 0; the
+    same positions hold in every call with the same input shapes.
+    """
+
+    index: int
+    name: str  # the op, e.g. "aten.addmm.default"
+    nbytes: int  # bytes of its outputs' distinct storages (what storing them holds), bytes
+    forward_s: float  # its share of the segment's forward time, seconds
+    saved_bytes: int = 0  # bytes of those outputs that autograd saves anyway in the segment
+
+
+@dataclass(frozen=True)
 class SegmentRecord:
     """One segment of the forward pass, with its measured times and bytes."""
 
@@ -58,6 +82,10 @@ class SegmentRecord:
     # Peak device bytes its backward allocates beyond the saved activations (gradients,
     # temporaries), held while that backward runs; 0 = not measured (module docstring).
     backward_working_set_bytes: int = 0
+    ops: tuple[OpRecord, ...] = ()  # its ops in forward order; () = not measured
+    replay_s: float | None = None  # seconds a replay takes; None: forward_s (a full replay)
+    replay_bytes: int | None = None  # bytes a replay re-materialises; None: all it dropped
+    held_bytes: int = 0  # bytes a RECOMPUTE holds from forward to backward besides its inputs
 
 
 @dataclass(frozen=True)

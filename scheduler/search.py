@@ -200,7 +200,7 @@ class Search:
 
     def replay_bound(self, codes: tuple[int, ...]) -> float:
         """A lower bound on the step of `codes`: forward, backward and the replays (seconds)."""
-        return self.base_step + sum(self.sim.forward_s[s] for s, c in enumerate(codes)
+        return self.base_step + sum(self.sim.replay_s[s] for s, c in enumerate(codes)
                                     if c >= RECOMPUTE)
 
     # -- moves ---------------------------------------------------------------------------

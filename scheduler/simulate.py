@@ -7,7 +7,8 @@ The model the runtime implements, in the order the simulator applies it (units: 
   `TensorRecord.save_offset_s`, or, unmeasured, the k-th of m at t_s + F_s * k / m) and each
   allocates its device bytes then. A RECOMPUTE segment allocates its inputs (`input_bytes`) at
   t_s, and of its own tensors only those a later segment saves again (`last > segment`, which a
-  replay would bring back too late, so they are kept); the others are dropped.
+  replay would bring back too late, so they are kept); the others are dropped. Its
+  `held_bytes` (selective recompute's stored outputs) are allocated at t_s too and stay.
 - Rule 2 (D2H). An offloaded tensor (id in `Plan.offload_ids`, in an OFFLOAD segment) is queued
   on the one D2H stream at its save time, the inputs of a RECOMPUTE segment with
   `offload_inputs` at t_s; FIFO, a copy of x bytes takes `costmodel.d2h_seconds(x)`. The host
@@ -21,8 +22,9 @@ The model the runtime implements, in the order the simulator applies it (units: 
   bytes when issued.
 - Rule 4 (stalls). A segment's backward (or its replay) waits for the reloads it needs; the
   wait is exposed time.
-- Rule 5 (recompute). A RECOMPUTE segment replays its forward (`forward_s`) right before its
-  backward, allocating the bytes it re-materialises when the replay starts.
+- Rule 5 (recompute). A RECOMPUTE segment replays its forward (`forward_s`, or `replay_s` when
+  set: selective recompute replays only part of it) right before its backward, allocating the
+  bytes it re-materialises (all it dropped, or `replay_bytes`) when the replay starts.
 - Rule 6 (working set). A segment's backward allocates `backward_working_set_bytes` when it
   starts (after any replay) and frees them when it ends.
 - Rule 7 (frees). When a segment's backward ends, every tensor first saved in it (kept,
@@ -40,7 +42,7 @@ import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from . import costmodel
+from . import costmodel, oplevel
 from .hardware import Hardware
 from .plan import Action, Plan
 from .profile import Profile
@@ -122,9 +124,11 @@ class Simulator:
                 raise ValueError(f"SegmentRecord {i}: backward_working_set_bytes must be >= 0 "
                                  f"bytes, got {seg.backward_working_set_bytes}")
         self.forward_s = tuple(s.forward_s for s in segs)
+        self.replay_s = tuple(s.forward_s if s.replay_s is None else s.replay_s for s in segs)
         self.backward_s = tuple(s.backward_s for s in segs)
         self.recomputable = tuple(s.recomputable for s in segs)
         self.input_bytes = tuple(s.input_bytes for s in segs)
+        self.held = tuple(s.held_bytes for s in segs)
         self.working = tuple(s.backward_working_set_bytes for s in segs)
         self.input_d2h_s = tuple(costmodel.d2h_seconds(s.input_bytes, hw) for s in segs)
         self.input_h2d_s = tuple(costmodel.h2d_seconds(s.input_bytes, hw) for s in segs)
@@ -164,6 +168,9 @@ class Simulator:
         # Bytes a later segment saves again: kept even when the segment is recomputed (rule 1).
         self.cross = tuple(sum(x.nbytes for x in ts if x.last > i)
                            for i, ts in enumerate(self.tensors))
+        # Bytes a replay re-materialises (rule 5): all it dropped unless the profile says less.
+        self.replayed = tuple(self.saved[i] - self.cross[i] if seg.replay_bytes is None
+                              else seg.replay_bytes for i, seg in enumerate(segs))
         self._rows = tuple(tuple((x.save_t, x.nbytes, x.id, x.d2h_s, x.h2d_s, x.last, x.label)
                                  for x in ts) for ts in self.tensors)
         self._keep_events = tuple(tuple((x.save_t, x.nbytes) for x in ts) for ts in self.tensors)
@@ -275,10 +282,10 @@ class Simulator:
             if c >= RECOMPUTE:
                 events = cross_rows[s]
                 ib = inputs[s]
-                if ib:
+                if ib or self.held[s]:
                     ts = starts[s]
-                    events = ((ts, ib),) + events
-                    if c == RECOMPUTE_OFFLOAD_INPUTS:
+                    events = ((ts, ib + self.held[s]),) + events
+                    if c == RECOMPUTE_OFFLOAD_INPUTS and ib:
                         es = ends[s]
                         st = d2h_free if d2h_free > ts else ts
                         d2h_free = st + self.input_d2h_s[s]
@@ -307,7 +314,7 @@ class Simulator:
     def backward(self, fw: Forward, codes: Sequence[int], lookahead: int) -> Timeline:
         """The step of `fw`'s forward followed by its backward at `lookahead` (rules 3-8)."""
         n = self.n
-        fwd, bwd, saved, cross, inputs = (self.forward_s, self.backward_s, self.saved,
+        fwd, bwd, saved, cross, inputs = (self.replay_s, self.backward_s, self.saved,
                                           self.cross, self.input_bytes)
         working = self.working
         record = fw.record
@@ -357,8 +364,8 @@ class Simulator:
                 grow_at = t
                 t += fwd[j]
                 recompute_s += fwd[j]
-                held += inputs[j]
-                replayed = saved[j] - cross[j]
+                replayed = self.replayed[j]
+                held += inputs[j] + self.held[j] + replayed - (saved[j] - cross[j])
                 while fk < nf and frees[fk][0] <= grow_at:
                     mem += frees[fk][1]
                     if record:
@@ -441,6 +448,12 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware | None = None) -> 
     """Simulate one step of `profile` under `plan`.
 
     `hardware=None` costs copies with the bandwidths measured in the profile; a `Hardware`
-    replaces the link (compute times always come from the profile).
+    replaces the link (compute times always come from the profile). Selective segments
+    (`SegmentPlan.store_ops`) are costed by `oplevel.apply`.
     """
-    return Simulator(profile, hardware).timeline(plan)
+    stores = {i: sp.store_ops for i, sp in enumerate(plan.segments) if sp.store_ops}
+    for i in stores:
+        if plan.segments[i].action is not Action.RECOMPUTE:
+            raise ValueError(f"Plan: segment {i} has store_ops but its action is "
+                             f"{plan.segments[i].action.name}; only RECOMPUTE stores op outputs")
+    return Simulator(oplevel.apply(profile, stores), hardware).timeline(plan)

@@ -51,7 +51,8 @@ def test_quick_run_prints_table_writes_json_and_png(tmp_path):
     contenders, skipped = data["contenders"], {s["name"] for s in data["skipped"]}
     assert set(FIXED) <= set(contenders)
     for frac in data["meta"]["auto_budget_fractions"]:  # each auto budget either ran or says why not
-        assert (f"auto@{frac:.0%}" in contenders) != (f"auto@{frac:.0%}" in skipped)
+        for name in (f"auto@{frac:.0%}", f"auto-block@{frac:.0%}"):  # op level and whole blocks
+            assert (name in contenders) != (name in skipped), name
     for name, r in contenders.items():
         assert r["grads_match"] is True, f"{name}: gradients differ from plain by {r['grads_max_abs_diff']}"
         assert r["step_s"] > 0 and r["peak_bytes"] > 0
@@ -179,3 +180,16 @@ def test_llama_blocks_are_found_and_every_fixed_policy_is_bitwise():
             assert got.report["offloaded_bytes"] > 0
         if c.name in ("recompute", "checkpoint"):
             assert got.peak_bytes < ref.peak_bytes
+
+
+def test_oplevel_plans_one_profile_at_op_and_block_level():
+    from bench.oplevel import compare, lines
+    keep_peak, comparisons = compare("quick", CPU, (0.6,), None)
+    (c,) = comparisons
+    op, block = c.plans["op level"], c.plans["block"]
+    # the op-level planner starts from the block plan: never worse on the simulator
+    assert (max(0, op.predicted_peak_bytes - c.planned_bytes), op.predicted_step_s) <= \
+        (max(0, block.predicted_peak_bytes - c.planned_bytes), block.predicted_step_s)
+    assert not any(sp.selective for sp in block.segments)
+    text = "\n".join(lines("quick", keep_peak, comparisons))
+    assert "op level" in text and "budget 60% of keep" in text

@@ -26,6 +26,12 @@ not the step's, which interleaves every micro-batch; and the plan is made for th
 seen in flight at once (`Runtime.max_in_flight`), so the device and host budgets cover every
 live micro-batch (scheduler.inflight).
 
+Op level: the warm-up forward also runs each region call under an `OpProbe` (opprofile.py), so
+the profile carries every region's ops (bytes, time) and the planner may recompute a region
+selectively; such a region call then gets a `StoreOps` op policy (storeops.py) that stores the
+chosen ops' outputs through selective.py's mechanism. Not with a user's `op_policy` (it wins),
+nor with granularity="block".
+
 Under tensor parallelism every rank of the meshes the profiled forward saved DTensors on runs one
 plan, made under the ranks' smallest budget: a region recomputed on one rank and not on another
 would pair the collectives of its replay with other collectives (a hang or wrong gradients).
@@ -49,7 +55,9 @@ from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
 from ..observe.planview import PlanView, explain_note, plan_mix
 from .inputs import InputShape, input_shape
+from .opprofile import OpProbe, attach_ops
 from .profile import build_profile
+from .storeops import StoreOps
 from .workset import WorkingSetProbe
 
 if TYPE_CHECKING:
@@ -110,6 +118,8 @@ class AutoPolicy(Policy):
         self.fit_error: float | None = None  # last fitted step: measured / predicted saved bytes - 1
         self._profiled_step = 0  # the last step counted in profiling_steps
         self._tensor_parallel = False  # a profiled forward saved DTensors
+        self.op_probes: dict[str, dict[int, OpProbe]] = {}  # signature -> segment -> its warm-up ops
+        self._op_probes: dict[int, OpProbe] = {}  # this forward's, while it is a warm-up forward
 
     # -- per forward ---------------------------------------------------------------------------
     def begin_forward(self, forward: "ForwardPass") -> None:
@@ -124,6 +134,7 @@ class AutoPolicy(Policy):
         self._shape = None
         self._plan = None
         self._decided = False
+        self._op_probes = {}
 
     def model_inputs(self, args: tuple, kwargs: dict) -> None:
         if not self._decided:
@@ -206,6 +217,7 @@ class AutoPolicy(Policy):
         if self._probe is not None and self._probe[2] is None:
             self._probe[2] = forward.stats
         plan = self._plan if self._decided else None
+        probes, self._op_probes = self._op_probes, {}
         if failed:
             return
         if plan is None:
@@ -213,6 +225,8 @@ class AutoPolicy(Policy):
                 self._profiled_step = forward.stats.step
                 self.profiling_steps += 1
             seen = self._warm.get(self._signature, 0)
+            if seen == 0 and probes:
+                self.op_probes[self._signature] = probes
             self._warm[self._signature] = seen + 1
             if seen >= WARMUP_FORWARDS:
                 self._pending = (forward, self._signature, self._shape)
@@ -249,6 +263,7 @@ class AutoPolicy(Policy):
         rt.backend.settle()
         profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature,
                                 self.worksets.get(signature, {}))
+        profile = attach_ops(profile, self.op_probes.pop(signature, {}), rt.backend.seconds)
         profile = replace(profile, meta={**profile.meta, "shape": shape})
         if forward.meshes:
             self._tensor_parallel = True
@@ -283,7 +298,8 @@ class AutoPolicy(Policy):
                 log.info("auto plan: %s", explain_note(note))
         if signature not in self.plans and len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
             oldest = next(iter(self.plans))
-            for table in (self.plans, self.profiles, self.reserves, self._warm, self.sources, self.worksets):
+            for table in (self.plans, self.profiles, self.reserves, self._warm, self.sources, self.worksets,
+                          self.op_probes):
                 table.pop(oldest, None)
         self.plans.pop(signature, None)  # re-inserted last: the newest plan is forgotten last
         self.profiles[signature] = profile
@@ -313,6 +329,22 @@ class AutoPolicy(Policy):
     def tensor(self, site: TensorSite, segment: SegmentPlan) -> Action:
         plan = self._current()
         return Action.OFFLOAD if plan is not None and site.index in plan.offload_ids else Action.KEEP
+
+    def op_policy(self, site: RegionSite, segment: int, plan: SegmentPlan) -> StoreOps | None:
+        """A selective segment's op policy: store the plan's ops, named as profiled."""
+        if not plan.selective or self._plan is None:
+            return None
+        profile = self.profiles.get(self._plan.signature)
+        ops = profile.segments[segment].ops if profile is not None and segment < len(profile.segments) else ()
+        return StoreOps({k: ops[k].name for k in plan.store_ops if k < len(ops)})
+
+    def op_probe(self, site: RegionSite, segment: int) -> OpProbe | None:
+        """On the warm-up forward of an input shape, an `OpProbe` per region call."""
+        settings = self.runtime.settings
+        if self._plan is not None or self._warm.get(self._signature) or settings.op_policy or not settings.op_level:
+            return None
+        probe = self._op_probes[segment] = OpProbe(self.runtime.backend.mark)
+        return probe
 
     def lookahead(self) -> int:
         return self._plan.lookahead if self._plan is not None else 2

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
@@ -62,7 +63,7 @@ class Segment:
     site: RegionSite | None = None
     frame: RecomputeFrame | None = None
     copies: list = field(default_factory=list)  # weakrefs to HostCopy, in pack order
-    mode: SaveOps | None = None  # selective recompute's dispatch mode while the region runs
+    mode: TorchDispatchMode | None = None  # selective recompute's (or op profiling's) mode while the region runs
     saved: dict = field(default_factory=dict)  # action -> distinct storage bytes, flushed at close
     forward_start: object = None  # backend marks (host times or CUDA events)
     forward_end: object = None
@@ -204,11 +205,16 @@ class ForwardPass:
                 seg.name, region.module, args, kwargs, self.device,
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.rt.replay_guard,
                 on_replay=self._replayed, mark=self.backend.mark, habits=self.rt.habits.of(region.module))
-            if self.settings.op_policy is not None:
+            # the user's op policy, or the policy's own for this call (auto's selective segments)
+            op_policy = self.settings.op_policy or self.rt.policy.op_policy(site, idx, plan)
+            if op_policy is not None:
                 seg.frame.store = OpStore()
-                seg.mode = SaveOps(self.settings.op_policy, seg.frame.store,
+                seg.mode = SaveOps(op_policy, seg.frame.store,
                                    offload=lambda t, _s=seg: self._offload_output(t, _s),
                                    keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"))
+            else:
+                seg.mode = self.rt.policy.op_probe(site, idx)  # auto's op profile
+            if seg.mode is not None:
                 seg.mode.__enter__()
 
     def exit_region(self, region: "Region", output) -> None:

@@ -11,6 +11,7 @@ from typing import Callable, Union
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scheduler.plan import Action, SegmentPlan
 
@@ -55,6 +56,16 @@ class Policy:
     def tensor(self, site: TensorSite, segment: SegmentPlan) -> Action:
         """KEEP or OFFLOAD for one tensor of a segment that is not recomputed."""
         raise NotImplementedError
+
+    def op_policy(self, site: RegionSite, segment: int, plan: SegmentPlan) -> Callable | None:
+        """A `CheckpointPolicy` function for this recomputed region call (selective recompute),
+        or None: the user's `op_policy`, if any, applies instead (it takes precedence)."""
+        return None
+
+    def op_probe(self, site: RegionSite, segment: int) -> TorchDispatchMode | None:
+        """A dispatch mode this recomputed region call's forward runs under (auto's op profile),
+        or None. Asked only where no op policy applies."""
+        return None
 
     def lookahead(self) -> int:
         """Segments ahead of backward at which reloads are issued (0: on demand at unpack).

@@ -49,6 +49,7 @@ class Settings:
     op_policy: Callable | None  # selective recompute inside recomputed regions
     policy_name: str  # what the report prints
     verify: Verify | None = None  # verify mode: compare what comes back with what was saved
+    op_level: bool = True  # policy="auto" may recompute regions selectively (granularity="op")
 
 
 class GraphToken:

@@ -29,23 +29,25 @@ def describe(plan: Plan, profile: Profile | None, reserve_bytes: int = 0) -> dic
         tensors = per_segment.get(i, [])
         moved = [t for t in tensors if t.id in plan.offload_ids] if sp.action is Action.OFFLOAD else []
         rows.append(dict(
-            index=i, name=names.get(i, f"segment {i}"), action=sp.action.value,
+            index=i, name=names.get(i, f"segment {i}"), action="selective" if sp.selective else sp.action.value,
+            stored_ops=len(sp.store_ops),
             saved_bytes=sum(t.nbytes for t in tensors),
             offloaded_tensors=len(moved), offloaded_bytes=sum(t.nbytes for t in moved),
             inputs_offloaded_bytes=inputs.get(i, 0) if sp.action is Action.RECOMPUTE and sp.offload_inputs else 0))
     return dict(
         step_s=plan.predicted_step_s, peak_bytes=plan.predicted_peak_bytes, host_bytes=plan.predicted_host_bytes,
         offloaded_bytes=sum(r["offloaded_bytes"] + r["inputs_offloaded_bytes"] for r in rows),
-        recomputed_bytes=sum(r["saved_bytes"] for r in rows if r["action"] == Action.RECOMPUTE.value),
+        recomputed_bytes=sum(r["saved_bytes"] for r in rows if r["action"] in (Action.RECOMPUTE.value, "selective")),
         reserve_bytes=reserve_bytes, lookahead=plan.lookahead,
         mix=plan_mix(plan),
         notes=[explain_note(n) for n in plan.notes], segments=rows)
 
 
 def plan_mix(plan: Plan) -> str:
-    """How many segments get each action: "5 keep, 2 offload, 2 recompute"."""
-    counts = {a: sum(1 for s in plan.segments if s.action is a) for a in Action}
-    return ", ".join(f"{n} {a.value}" for a, n in counts.items() if n)
+    """How many segments get each action: "5 keep, 2 offload, 2 recompute, 1 selective"."""
+    counts = {a.value: sum(1 for s in plan.segments if s.action is a and not s.selective) for a in Action}
+    counts["selective"] = sum(1 for s in plan.segments if s.selective)
+    return ", ".join(f"{n} {a}" for a, n in counts.items() if n)
 
 
 def format_plan(desc: dict) -> str:
