@@ -60,6 +60,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from . import oplevel
 from .plan import Action, Plan, SegmentPlan
 from .planner import plan as plan_one
 from .profile import Profile, SegmentRecord, TensorRecord
@@ -176,7 +177,9 @@ class MicroBatchCost:
 
 
 def cost_of(profile: Profile, plan: Plan, label: str) -> MicroBatchCost:
-    """The figures of `plan` for one micro-batch of `profile`."""
+    """The figures of `plan` for one micro-batch of `profile`. A selective segment (one that
+    stores op outputs) holds them from its forward to its backward and replays only the rest."""
+    profile = oplevel.apply(profile, oplevel.stores_of(plan))
     resident = moved = copies = transient = 0
     replay = 0.0
     saved = [0] * len(profile.segments)
@@ -196,8 +199,9 @@ def cost_of(profile: Profile, plan: Plan, label: str) -> MicroBatchCost:
     for seg, sp in zip(profile.segments, plan.segments):
         if sp.action is not Action.RECOMPUTE:
             continue
-        replay += seg.forward_s
-        transient = max(transient, saved[seg.index])
+        replay += seg.forward_s if seg.replay_s is None else seg.replay_s
+        resident += seg.held_bytes
+        transient = max(transient, saved[seg.index] if seg.replay_bytes is None else seg.replay_bytes)
         if sp.offload_inputs and seg.input_bytes:
             moved += seg.input_bytes
             copies += 1

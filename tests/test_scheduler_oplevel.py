@@ -109,3 +109,17 @@ def test_refine_mixes_full_and_selective_recompute_where_only_some_blocks_can_st
     assert got.predicted_step_s < rec.predicted_step_s
     tl = simulate(p, got)
     assert (tl.step_s, tl.peak_device_bytes) == (got.predicted_step_s, got.predicted_peak_bytes)
+
+
+def test_a_waiting_micro_batch_holds_a_selective_segments_stored_outputs():
+    """Pipeline stages: what a micro-batch keeps while it waits for its backward includes the op
+    outputs its selective segments stored (uncounted, a 1F1B stage ran over its budget)."""
+    from scheduler.pipeline import cost_of
+    p = profile(n_layers=2)
+    codes = [SegmentPlan(Action.RECOMPUTE) if s.recomputable else SegmentPlan(Action.KEEP) for s in p.segments]
+    full = Plan(tuple(codes))
+    codes[1] = SegmentPlan(Action.RECOMPUTE, store_ops=(1, 3))
+    selective = Plan(tuple(codes))
+    a, b = cost_of(p, full, "R"), cost_of(p, selective, "S")
+    assert b.resident - a.resident == 200 * MB
+    assert b.replay_s == pytest.approx(a.replay_s - 8.5e-3)
