@@ -199,10 +199,11 @@ class ForwardPass:
                 pack_input=lambda t, _s=seg: self._pack_input(t, _s), guard=self.rt.replay_guard,
                 on_replay=self.stats.add_replay, mark=self.backend.mark, habits=self.rt.habits.of(region.module))
             if self.settings.op_policy is not None:
-                seg.frame.store = OpStore()
-                seg.mode = SaveOps(self.settings.op_policy, seg.frame.store,
+                seg.frame.store = OpStore(self.settings.op_policy)
+                seg.mode = SaveOps(seg.frame.store,
                                    offload=lambda t, _s=seg: self._offload_output(t, _s),
-                                   keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"))
+                                   keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"),
+                                   replaying=lambda: self.rt.replay_guard.depth > 0)
                 seg.mode.__enter__()
 
     def exit_region(self, region: "Region", output) -> None:
@@ -294,16 +295,17 @@ class ForwardPass:
             return seg.frame.add_slot(t)
         handle = self._already_moved(t, key, seg, param)
         if handle is not None:
-            return handle
+            return handle.give_back_as(t)
         if first and not param and self._wants_offload(k, t, seg):  # the first save decides
             handle = self._offload(t, seg, key)
             if handle is not None:
-                return handle
+                return handle.give_back_as(t)
         self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name, self.token)
 
     def unpack(self, handle) -> torch.Tensor:
-        self.rt.note_backward(self.stats)
+        if not self.depth:  # else a backward inside a region's forward: not the step's backward
+            self.rt.note_backward(self.stats)
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
@@ -314,11 +316,11 @@ class ForwardPass:
         param = self._is_param(t)
         handle = self._already_moved(t, key, seg, param)
         if handle is not None:
-            return handle
+            return handle.give_back_as(t)
         if seg.plan.offload_inputs and not param and self._offloadable(t):
             handle = self._offload(t, seg, key)
             if handle is not None:
-                return handle
+                return handle.give_back_as(t)
         self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name, self.token)
 
@@ -430,7 +432,11 @@ class ForwardPass:
     def backward_reached(self, seg_index: int) -> None:
         """Backward is about to enter region segment `seg_index`: issue the reloads of every segment
         down to `seg_index - d` (d in segments; a region call and the gap after it are two), in
-        reverse pack order. Rule 2: each reload still waits for its own D2H event."""
+        reverse pack order. Rule 2: each reload still waits for its own D2H event. A backward inside
+        a region's forward (`torch.autograd.grad` in a block) or inside a replay is not the step's
+        backward: nothing to time or prefetch for it."""
+        if self.depth or self.rt.replay_guard.depth:
+            return
         self.rt.note_backward(self.stats)
         seg = self.segments[seg_index]
         self.stats.timeline.add_region_backward(seg.name, self.backend.mark())
