@@ -16,6 +16,7 @@ from .core.hooks import ForwardPass, param_storage_ids
 from .core.policy import FixedPolicy, RegionSite, TensorSite, resolve_policy
 from .core.regions import Region, RegionHooks, RegionsArg, compiled_model_error, resolve_regions
 from .core.runtime import Runtime, Settings, device_available
+from .core.selective import resolve_op_policy
 from .core.verify import OpNames, Verifier, Verify, resolve_verify
 from .observe.hostmem import available_host_bytes
 from .observe.report import Report
@@ -62,9 +63,13 @@ class HybridCheckpointer:
         keep_last: region calls at the end of forward kept resident under "offload" (backward
             needs them at once).
         slab_bytes: host pool slab size (a power of two).
-        op_policy: selective recompute inside recomputed regions: a PyTorch checkpoint policy
-            function `fn(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy`;
-            saved op outputs are reused by the replay, CPU_OFFLOAD ones go through our pool.
+        op_policy: selective recompute inside recomputed regions, in PyTorch's forms: a checkpoint
+            policy function `fn(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy`,
+            or a list of ops whose outputs to save (e.g. `[torch.ops.aten.mm.default]`); saved op
+            outputs are reused by the replay, CPU_OFFLOAD ones go through our pool. The policy is
+            asked about the ops torch.utils.checkpoint asks it about, in the same order, and
+            again during the replay (`ctx.is_recompute=True`) only where the installed PyTorch
+            does that too.
         monitor: an `offload.Monitor` whose NVML/psutil samples the report and trace include,
             or True to start one on the first forward (stopped by `close()`).
         verify: True compares every reloaded or recomputed tensor with a reference taken when it
@@ -86,13 +91,11 @@ class HybridCheckpointer:
                  regions: RegionsArg = "auto",
                  backend: Union[str, TransferBackend] = "auto", min_offload_bytes: int | None = None,
                  lookahead: int | None = None, keep_last: int = 1, slab_bytes: int = 64 << 20,
-                 monitor: "Monitor | bool" = False, op_policy: Callable | None = None,
+                 monitor: "Monitor | bool" = False, op_policy: Union[Callable, list, None] = None,
                  verify: "bool | str | Verify" = False, granularity: str = "op"):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"HybridCheckpointer(model=...): expected an nn.Module or None, got {type(model).__name__}")
-        if op_policy is not None and not callable(op_policy):
-            raise TypeError(f"HybridCheckpointer(op_policy={op_policy!r}): expected a function "
-                            f"(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy")
+        parsed_op_policy = resolve_op_policy(op_policy)
         if granularity not in ("op", "block"):
             raise ValueError(f"HybridCheckpointer(granularity={granularity!r}): expected 'op' (auto may "
                              f"recompute regions selectively, op by op) or 'block' (whole regions only)")
@@ -115,7 +118,7 @@ class HybridCheckpointer:
             model=model, regions=resolved, device_budget=device_budget, host_budget=host_budget,
             min_offload_bytes=backend.default_min_offload_bytes if min_offload_bytes is None else min_offload_bytes,
             derive_threshold=min_offload_bytes is None, keep_last=keep_last, lookahead=lookahead,
-            op_policy=op_policy, verify=resolve_verify(verify), op_level=granularity == "op",
+            op_policy=parsed_op_policy, verify=resolve_verify(verify), op_level=granularity == "op",
             policy_name=(policy if isinstance(policy, str) else policy.value if isinstance(policy, Action)
                          else getattr(policy, "__name__", "callable")))
         self._runtime = Runtime(settings, backend, HostPool(backend, host_budget, slab_bytes))

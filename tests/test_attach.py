@@ -201,7 +201,9 @@ def test_a_module_calling_itself_is_one_forward():
     got, handle = run(make)
     for a, b in zip(ref, got):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert holder["hc"].stats.forwards == 1 and holder["hc"].stats.replays == 6
+    # Six block calls, five replays: the first one saved only its input, the caller's `x`, which
+    # needs no grad and is alive: it comes back as itself, with nothing to replay.
+    assert holder["hc"].stats.forwards == 1 and holder["hc"].stats.replays == 5
     assert no_hooks_left()
 
 

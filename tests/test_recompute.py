@@ -137,6 +137,8 @@ def test_recompute_from_offloaded_inputs_waits_for_their_reload():
     assert all(torch.equal(a, b) for a, b in zip(ref[1], got[1]))
     s = hc.stats
     assert s.offloaded_bytes == 3 * 256 * 256 * 4  # each block's input, nothing else
-    assert s.prefetch_misses == 3 and s.replays == 3  # lookahead=0: every reload on demand
+    # lookahead=0: every reload on demand, but block 0's input is the caller's live `x`, which
+    # needs no grad: it comes back as itself, as plain PyTorch gives it, with no reload to wait for.
+    assert s.prefetch_misses == 2 and s.replays == 3
     settle(hc)
     assert hc.host_pool.in_use == 0 and hc.backend.poisoned == 0

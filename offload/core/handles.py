@@ -12,6 +12,14 @@ a tensor that shares the saved one's version counter (itself, or a storage-less 
 
 Every handle also holds its forward's graph token (`owner`): the runtime holds the tokens
 weakly, so a forward whose handles all died (a graph never backpropagated) is known to be over.
+
+Identity: plain PyTorch gives a saved tensor that needs no grad back as the very object saved
+(`ctx.saved_tensors[0] is mask`); for one that needs grad, autograd wraps whatever a hook returns
+in a new tensor, so identity is not observable there. Each handle gives the same object back
+wherever it honestly can: kept, always (it holds it); offloaded, while that object still lives
+(its memory is on the device anyway) and else a tensor rebuilt from the host copy, the same one
+again on a second read while the first lives; recomputed, the forward's object while it lives (a
+region input the frame holds, a mask the caller holds) and else the replay's, likewise.
 """
 from __future__ import annotations
 
@@ -97,10 +105,12 @@ class KeepHandle:
     __slots__ = ("tensor", "version", "where", "owner")
 
     def __init__(self, tensor: torch.Tensor, where: str, owner: object):
-        # Detached: same storage and version counter, but no reference to its grad_fn. A tensor
-        # saved by the op that produced it would otherwise hold its own node through the handle,
-        # a cycle through C++ that gc cannot see, and a graph never backpropagated would leak.
-        self.tensor = tensor.detach()
+        # Detached when it needs grad: same storage and version counter, but no reference to its
+        # grad_fn. A tensor saved by the op that produced it would otherwise hold its own node
+        # through the handle, a cycle through C++ that gc cannot see, and a graph never
+        # backpropagated would leak. One that needs no grad has no grad_fn to hold, and is held
+        # as itself, as autograd holds it (identity, module docstring).
+        self.tensor = tensor.detach() if tensor.requires_grad else tensor
         self.version = tensor._version
         self.where = where
         self.owner = owner  # the forward's graph token: alive while any of its handles is
@@ -179,7 +189,7 @@ class OffloadHandle:
     change is seen whenever it happened: before the D2H read the storage, after it, or after
     the saved view object itself died while another view of its base lives on."""
 
-    __slots__ = ("copy", "view", "version", "witness", "where", "owner")
+    __slots__ = ("copy", "view", "version", "witness", "where", "owner", "same")
 
     def __init__(self, copy: HostCopy, t: torch.Tensor, where: str, owner: object):
         self.copy = copy
@@ -188,6 +198,15 @@ class OffloadHandle:
         self.witness = version_witness(t)
         self.where = where
         self.owner = owner  # the forward's graph token: alive while any of its handles is
+        self.same: weakref.ref | None = None  # the object to give back while it lives (identity)
+
+    def give_back_as(self, t: torch.Tensor) -> "OffloadHandle":
+        """Give back `t` itself while it lives, as autograd gives back a saved tensor that needs
+        no grad (the pack hook's saves only: below autograd, in a dispatch mode, every tensor
+        looks as if it needed none, and a selective store must hand out fresh aliases)."""
+        if not t.requires_grad:
+            self.same = weakref.ref(t)
+        return self
 
     def ref(self) -> torch.Tensor:
         """The witness: a tensor whose `_version` is the saved tensor's."""
@@ -197,7 +216,12 @@ class OffloadHandle:
         now = self.witness._version
         if now != self.version:
             raise _modified(self.view.describe(), self.where, self.version, now)
-        return self.view.on(self.copy.materialize().untyped_storage())
+        if self.same is not None and (same := self.same()) is not None:
+            return same  # its memory is on the device anyway: no reload to wait for
+        out = self.view.on(self.copy.materialize().untyped_storage())
+        if self.same is not None:  # a second read while this one lives gets it again
+            self.same = weakref.ref(out)
+        return out
 
 
 class SlotHandle:
@@ -211,19 +235,27 @@ class SlotHandle:
 
     Rule 5: the version the tensor had at save is checked at unpack, against the tensor while it
     lives, else against the version its region saw when its forward ended (`changed`).
+
+    While the region's forward still runs (a backward inside it: `torch.autograd.grad` in a
+    block), the frame holds the forward's tensors, and the slot gives those back: what plain
+    PyTorch reads, with no replay. A tensor that needs no grad comes back as the very object
+    while it lives (identity, module docstring), else as the replay's.
     """
 
-    __slots__ = ("frame", "index", "value", "version", "ref", "changed", "pinned", "_used", "__weakref__")
+    __slots__ = ("frame", "index", "value", "version", "ref", "needs_grad", "changed", "pinned", "_used",
+                 "__weakref__")
 
     def __init__(self, frame, index: int, t: torch.Tensor):
         self.frame = frame
         self.index = index
         self.value: torch.Tensor | None = None
         self.version = t._version
-        self.ref = weakref.ref(t)  # only to check the version while the tensor lives
+        self.ref = weakref.ref(t)  # to check the version, and give it back, while the tensor lives
+        self.needs_grad = t.requires_grad
         self.changed: int | None = None  # a later version seen by the region, if any
         self.pinned = False  # the forward's tensor is kept: its region cannot be replayed
-        self._used: tuple[StorageWeakRef, ViewMeta] | None = None
+        # (the object given back, if it needs no grad; the storage; where the tensor sits on it)
+        self._used: tuple[weakref.ref | None, StorageWeakRef, ViewMeta] | None = None
 
     def pin(self, t: torch.Tensor) -> None:
         """Keep the forward's own tensor: this region call will not be replayed."""
@@ -231,12 +263,19 @@ class SlotHandle:
         self.pinned = True
 
     def current(self) -> torch.Tensor | None:
-        """The recomputed tensor if its storage is still alive, else None."""
+        """The tensor this slot stands for if it exists without a replay, else None: the forward's
+        own while the region's forward runs, or while it lives and needs no grad; else the last
+        one given back while it (one that needs no grad) or its storage lives."""
         if self.value is not None:
             return self.value
+        live = self.ref()
+        if live is not None and (not self.needs_grad or self.frame.in_forward):
+            return live.detach() if self.needs_grad else live
         if self._used is None:
             return None
-        ref, view = self._used
+        obj, ref, view = self._used
+        if obj is not None and (same := obj()) is not None:
+            return same
         storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
         return None if storage is None else view.on(storage)
 
@@ -261,9 +300,11 @@ class SlotHandle:
         if value is None:
             raise OffloadError(f"offload: recompute of {self.frame.name} did not produce saved tensor "
                                f"#{self.index}; this is a bug in offload")
-        # Autograd wraps what we return in a new tensor, so a weak reference to `value` itself
-        # would die at once; the storage (a DTensor's shard's) lives as long as the node's use of it.
-        self._used = (StorageWeakRef(storage(value)), ViewMeta(value))
+        # Autograd wraps what we return in a new tensor when it needs grad, so a weak reference to
+        # `value` itself would die at once; the storage (a DTensor's shard's) lives as long as the
+        # node's use of it. One that needs no grad is handed out as itself, and found again so.
+        self._used = (None if self.needs_grad else weakref.ref(value), StorageWeakRef(storage(value)),
+                      ViewMeta(value))
         self.value = None
         return value
 

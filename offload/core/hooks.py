@@ -208,10 +208,11 @@ class ForwardPass:
             # the user's op policy, or the policy's own for this call (auto's selective segments)
             op_policy = self.settings.op_policy or self.rt.policy.op_policy(site, idx, plan)
             if op_policy is not None:
-                seg.frame.store = OpStore()
-                seg.mode = SaveOps(op_policy, seg.frame.store,
+                seg.frame.store = OpStore(op_policy)
+                seg.mode = SaveOps(seg.frame.store,
                                    offload=lambda t, _s=seg: self._offload_output(t, _s),
-                                   keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"))
+                                   keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"),
+                                   replaying=lambda: self.rt.replay_guard.depth > 0)
             else:
                 seg.mode = self.rt.policy.op_probe(site, idx)  # auto's op profile
             if seg.mode is not None:
@@ -309,16 +310,17 @@ class ForwardPass:
             return seg.frame.add_slot(t)
         handle = self._already_moved(t, key, seg, param)
         if handle is not None:
-            return handle
+            return handle.give_back_as(t)
         if first and not param and self._wants_offload(k, t, seg):  # the first save decides
             handle = self._offload(t, seg, key)
             if handle is not None:
-                return handle
+                return handle.give_back_as(t)
         self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name, self.token)
 
     def unpack(self, handle) -> torch.Tensor:
-        self._note_backward()
+        if not self.depth:  # else a backward inside a region's forward: not the step's backward
+            self._note_backward()
         return handle.unpack()
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
@@ -329,11 +331,11 @@ class ForwardPass:
         param = self._is_param(t)
         handle = self._already_moved(t, key, seg, param)
         if handle is not None:
-            return handle
+            return handle.give_back_as(t)
         if seg.plan.offload_inputs and not param and self._offloadable(t):
             handle = self._offload(t, seg, key)
             if handle is not None:
-                return handle
+                return handle.give_back_as(t)
         self._count(key, t, seg, None if param else "kept")
         return KeepHandle(t, seg.name, self.token)
 
@@ -452,7 +454,11 @@ class ForwardPass:
     def backward_reached(self, seg_index: int) -> None:
         """Backward is about to enter region segment `seg_index`: issue the reloads of every segment
         down to `seg_index - d` (d in segments; a region call and the gap after it are two), in
-        reverse pack order. Rule 2: each reload still waits for its own D2H event."""
+        reverse pack order. Rule 2: each reload still waits for its own D2H event. A backward inside
+        a region's forward (`torch.autograd.grad` in a block) or inside a replay is not the step's
+        backward: nothing to time or prefetch for it."""
+        if self.depth or self.rt.replay_guard.depth:
+            return
         self._note_backward()
         seg = self.segments[seg_index]
         mark = self.backend.mark()

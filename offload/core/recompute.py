@@ -2,10 +2,21 @@
 
 Rule 7 (recompute replays the forward exactly): the replay runs under the RNG state (CPU and
 device), autocast state and default device recorded when the region ran, with grad enabled, and
-its inputs detached with their original `requires_grad`. Its saved tensors are matched to the
-dropped ones by order; shape or dtype that differ, or a different count, raise OffloadError. It
-stops as soon as the last still-needed tensor exists. Inputs that were offloaded are unpacked
-through their handles, so the replay waits for their reloads.
+its inputs as the forward had them: each one that needs grad attached to the graph before the
+region, as torch.utils.checkpoint's are (a backward inside the replayed forward may reach past the
+region), whether its data was kept or offloaded; one that needs no grad as the very object. Its
+saved tensors are matched to the dropped ones by order; shape or dtype that differ, or a different
+count, raise OffloadError. It stops as soon as the last still-needed tensor exists. Inputs that
+were offloaded are unpacked through their handles, so the replay waits for their reloads.
+
+A backward may run inside a region's forward (`torch.autograd.grad` in a block, a gradient
+penalty, `grad(checkpoint(grad(f)))`), so inside its replay too: every tensor the replay saves can
+be unpacked while the replay runs (detached when it needs grad, as torch.utils.checkpoint's
+recompute saves it) and dies with the replay's graph. While the region's own forward runs, its
+slots give back the forward's own tensors (the frame holds them until the forward ends): an inner
+backward there reads what plain PyTorch reads, and replays nothing. One that reaches an earlier
+region replays that region inside this forward; `ReplayGuard` knows which replays run on a thread,
+so neither a selective forward nor an outer replay takes the inner replay's ops for its own.
 
 The replay calls the module the way the forward did (`module(*args, **kwargs)`), so the user's
 forward pre-hooks and hooks run again and a module compiled in place (`module.compile()`) runs its
@@ -54,17 +65,28 @@ class _StopReplay(Exception):
 
 
 class ReplayGuard(threading.local):
-    """Per-thread flag: a replay is running, so region hooks must not open new regions."""
+    """Per thread, the replays running, innermost last. While any runs, region hooks open no new
+    regions and a selective forward stores nothing; a replay that runs another one (a backward
+    inside the replayed forward reaching an earlier region) lets that one's ops through."""
 
-    depth = 0
+    def __init__(self) -> None:
+        self.frames: list = []
+
+    @property
+    def depth(self) -> int:
+        return len(self.frames)
+
+    def innermost(self):
+        """The frame whose replay runs innermost on this thread, or None."""
+        return self.frames[-1] if self.frames else None
 
     @contextlib.contextmanager
-    def active(self):
-        self.depth += 1
+    def active(self, frame=None):
+        self.frames.append(frame)
         try:
             yield
         finally:
-            self.depth -= 1
+            self.frames.pop()
 
 
 def is_kv_cache(x) -> bool:
@@ -108,10 +130,9 @@ class RecomputeFrame:
             if not isinstance(x, torch.Tensor):
                 # A KV cache (Hugging Face) is replayed as None: the replay must not append to it
                 # again, and in training there is no past, so attention sees the same keys either way.
-                self.inputs.append((None, None if is_kv_cache(x) else x))
+                self.inputs.append(None if is_kv_cache(x) else x)
                 continue
             self._live.append((i, x, x._version))
-            requires_grad = x.requires_grad
             if habits.inputs is not False:
                 with torch.no_grad():
                     clone = x.detach().clone()
@@ -119,7 +140,7 @@ class RecomputeFrame:
                     x = clone
                 else:
                     self._clones[i] = clone
-            self.inputs.append((pack_input(x), requires_grad))
+            self.inputs.append(_Input(pack_input(x), flat[i]))
         self.cpu_rng = torch.get_rng_state()
         mod = _device_module(device)
         self.device_rng = mod.get_rng_state(device) if mod is not None else None
@@ -131,6 +152,7 @@ class RecomputeFrame:
         self.meta: list[tuple[tuple[int, ...] | None, torch.dtype, str | None]] = []
         self.slots: list[weakref.ref | None] = []  # None where the tensor was kept (parameters)
         self._held: list[tuple[SlotHandle, torch.Tensor]] = []  # the slots' tensors, until forward ends
+        self.in_forward = True  # the region's forward runs: its slots give back the forward's tensors
         self.store = None  # an OpStore when selective recompute saved some op outputs
         self._lock = threading.Lock()
         self._cursor = 0
@@ -157,7 +179,7 @@ class RecomputeFrame:
             self.habits.inputs = bool(modified)
             self.copy_inputs = bool(modified)
             for i in modified:
-                self.inputs[i] = (self._pack_input(self._clones[i]), self.inputs[i][1])
+                self.inputs[i].box.handle = self._pack_input(self._clones[i])
         elif modified and not self.copy_inputs:
             self.habits.inputs = True
             surprises.append("its inputs")
@@ -171,8 +193,9 @@ class RecomputeFrame:
                         "tensors its forward saved. Later calls snapshot them and recompute.",
                         self.name, ", ".join(surprises))
             for slot, t in self._held:
-                slot.pin(t.detach())
+                slot.pin(t.detach() if t.requires_grad else t)  # one that needs no grad as itself (handles.py)
             self.inputs = []
+        self.in_forward = False
         self._held.clear()
         self._live.clear()
         self._clones.clear()
@@ -180,6 +203,7 @@ class RecomputeFrame:
 
     def abandon(self) -> None:
         """The forward failed inside the region: let go of what only the forward needed."""
+        self.in_forward = False
         self._held.clear()
         self._live.clear()
         self._clones.clear()
@@ -197,7 +221,8 @@ class RecomputeFrame:
             self._cursor = 0
             start = self.mark()
             args, kwargs = self._replay_inputs()
-            with self._replay_context(), op_range(f"offload::recompute {self.name}", self.device.type == "cuda"):
+            # The profiler range outside the replay's dispatch modes: its ops are not the region's.
+            with op_range(f"offload::recompute {self.name}", self.device.type == "cuda"), self._replay_context():
                 try:
                     self.module(*args, **kwargs)  # as the user called it: hooks, compiled code
                 except _StopReplay:
@@ -214,11 +239,11 @@ class RecomputeFrame:
 
     def _replay_inputs(self) -> tuple[tuple, dict]:
         flat = []
-        for handle, extra in self.inputs:
-            if handle is None:
-                flat.append(extra)
+        for entry in self.inputs:
+            if not isinstance(entry, _Input):
+                flat.append(entry)
                 continue
-            x = handle.unpack().detach().requires_grad_(extra)
+            x = entry.get()
             if self.copy_inputs:  # the forward modifies its inputs: the replay must not modify ours
                 with torch.enable_grad():
                     x = x.clone()
@@ -242,17 +267,17 @@ class RecomputeFrame:
                 if torch.get_default_device() != self.default_device:
                     stack.enter_context(self.default_device)
                 stack.enter_context(torch.enable_grad())
-                stack.enter_context(self.guard.active())
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _never_unpacked))
+                stack.enter_context(self.guard.active(self))
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack_replayed))
                 if self.store is not None:
-                    stack.enter_context(ReplayOps(self.store))
+                    stack.enter_context(ReplayOps(self.store, mine=lambda: self.guard.innermost() in (None, self)))
                 yield
         finally:
             torch.set_rng_state(cpu_rng)
             if dev_rng is not None:
                 mod.set_rng_state(dev_rng, self.device)
 
-    def _pack(self, t: torch.Tensor) -> None:
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         i = self._cursor
         self._cursor += 1
         if i >= len(self.meta):
@@ -266,13 +291,16 @@ class RecomputeFrame:
                 f"offload: recompute of region {self.name} differs from its forward at saved tensor #{i}: "
                 f"the forward saved a {tuple(shape)} {dtype} tensor {_made_by(made_by)}, the replay a "
                 f"{tuple(t.shape)} {t.dtype} tensor {_made_by(_producer(t))}. {_LIKELY_CAUSES}")
+        # What a backward inside the replay unpacks (see the module docstring): detached when it
+        # needs grad (no cycle through its own node), else the very object (identity, handles.py).
+        held = t.detach() if t.requires_grad else t
         ref = self.slots[i]
         slot = ref() if ref is not None else None
         if slot is not None and slot.current() is None:
-            slot.value = t.detach()
+            slot.value = held
         if i >= self._stop_at:
             raise _StopReplay
-        return None
+        return held
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -303,5 +331,61 @@ def _made_by(name: str | None) -> str:
     return f"made by {op} ({name})"
 
 
-def _never_unpacked(_):
-    raise OffloadError("offload: a tensor saved during a recompute replay was unpacked; this is a bug in offload")
+def _unpack_replayed(t: torch.Tensor) -> torch.Tensor:
+    """A backward inside the replayed forward reads what the replay saved."""
+    return t
+
+
+class _Box:
+    """What an input's SavedTensor packs: the input's handle, which the region's first call may
+    swap for its clone's when the forward turns out to modify its inputs (end_forward)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle):
+        self.handle = handle
+
+
+_make_saved_tensor = getattr(torch._C._autograd, "_make_saved_tensor", None)
+
+
+class _Input:
+    """One tensor input of a recomputed region call, as its replay gets it.
+
+    The handle (`box.handle`: kept, offloaded or a clone's) holds the data and checks Rule 5 at
+    unpack. An input that needs grad also gets a SavedTensor, as torch.utils.checkpoint saves its
+    inputs: autograd's own saved variable, whose data goes through our handle and which holds the
+    input's place in the graph before the region (its grad_fn, or a leaf's grad accumulator), not
+    its storage. The replay's input is then attached there, so a backward inside the replay may
+    reach past the region (a gradient penalty with respect to the model input), and an offloaded
+    input still frees its device memory meanwhile. The place is taken when the region call starts,
+    so an input the forward then modifies in place does not tie the frame to its own nodes."""
+
+    __slots__ = ("box", "requires_grad", "saved")
+
+    def __init__(self, handle, x: torch.Tensor):
+        self.box = _Box(handle)
+        self.requires_grad = x.requires_grad
+        self.saved = _attached(x, self.box) if x.requires_grad else None
+
+    def get(self) -> torch.Tensor:
+        if self.saved is not None:
+            return self.saved.unpack()  # unpacks box.handle, attached to the graph before the region
+        t = self.box.handle.unpack()
+        return t.detach().requires_grad_(True) if self.requires_grad else t  # one that needs no grad: itself
+
+
+def _attached(x: torch.Tensor, box: _Box):
+    """A SavedTensor of `x` whose data is `box`'s handle (None where this PyTorch has no
+    `_make_saved_tensor`, or cannot save `x` so: the replay then gets it detached)."""
+    if _make_saved_tensor is None:
+        return None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda _t: box, _unpack_box):
+            return _make_saved_tensor(x, is_output=False)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _unpack_box(box: _Box) -> torch.Tensor:
+    return box.handle.unpack()

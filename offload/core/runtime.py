@@ -26,6 +26,7 @@ from .errors import warn
 from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
+from .selective import OpPolicy
 from .state import HabitBook
 from .verify import Verify, VerifyLog
 
@@ -46,7 +47,7 @@ class Settings:
     derive_threshold: bool  # min_offload_bytes follows the measured link (the user gave none)
     keep_last: int  # region calls at the end of forward kept resident under OFFLOAD
     lookahead: int | None  # regions ahead for reloads; None: the policy's choice
-    op_policy: Callable | None  # selective recompute inside recomputed regions
+    op_policy: OpPolicy | None  # selective recompute inside recomputed regions, parsed
     policy_name: str  # what the report prints
     verify: Verify | None = None  # verify mode: compare what comes back with what was saved
     op_level: bool = True  # policy="auto" may recompute regions selectively (granularity="op")
