@@ -53,6 +53,7 @@ from ..transfer.linkprobe import measure_link
 from ..core.dtensor import first_rank_value, smallest_over
 from ..core.errors import warn
 from ..core.policy import Policy, RegionSite, TensorSite
+from ..core.selective import OpPolicy
 from ..observe.planview import PlanView, explain_note, plan_mix
 from .inputs import InputShape, input_shape
 from .opprofile import OpProbe, attach_ops
@@ -330,13 +331,14 @@ class AutoPolicy(Policy):
         plan = self._current()
         return Action.OFFLOAD if plan is not None and site.index in plan.offload_ids else Action.KEEP
 
-    def op_policy(self, site: RegionSite, segment: int, plan: SegmentPlan) -> StoreOps | None:
-        """A selective segment's op policy: store the plan's ops, named as profiled."""
+    def op_policy(self, site: RegionSite, segment: int, plan: SegmentPlan) -> OpPolicy | None:
+        """A selective segment's op policy: store the plan's ops, named as profiled (the replay
+        need not ask it again: it hands back what the forward stored)."""
         if not plan.selective or self._plan is None:
             return None
         profile = self.profiles.get(self._plan.signature)
         ops = profile.segments[segment].ops if profile is not None and segment < len(profile.segments) else ()
-        return StoreOps({k: ops[k].name for k in plan.store_ops if k < len(ops)})
+        return OpPolicy(StoreOps({k: ops[k].name for k in plan.store_ops if k < len(ops)}), on_replay=False)
 
     def op_probe(self, site: RegionSite, segment: int) -> OpProbe | None:
         """On the warm-up forward of an input shape, an `OpProbe` per region call."""

@@ -7,13 +7,16 @@ offloaded. User strings are turned into these objects once, in `HybridCheckpoint
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scheduler.plan import Action, SegmentPlan
+
+if TYPE_CHECKING:
+    from .selective import OpPolicy
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,10 @@ class Policy:
         """KEEP or OFFLOAD for one tensor of a segment that is not recomputed."""
         raise NotImplementedError
 
-    def op_policy(self, site: RegionSite, segment: int, plan: SegmentPlan) -> Callable | None:
-        """A `CheckpointPolicy` function for this recomputed region call (selective recompute),
-        or None: the user's `op_policy`, if any, applies instead (it takes precedence)."""
+    def op_policy(self, site: RegionSite, segment: int, plan: SegmentPlan) -> "OpPolicy | None":
+        """An `OpPolicy` (a `CheckpointPolicy` function, and whether the replay asks it again)
+        for this recomputed region call (selective recompute), or None: the user's `op_policy`,
+        if any, applies instead (it takes precedence)."""
         return None
 
     def op_probe(self, site: RegionSite, segment: int) -> TorchDispatchMode | None:
