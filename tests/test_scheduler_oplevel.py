@@ -3,9 +3,11 @@ import dataclasses
 
 import pytest
 
-from scheduler import Action, OpRecord, Plan, Profile, SegmentPlan, SegmentRecord, TensorRecord
+from scheduler import Action, OpRecord, Plan, SegmentPlan
 from scheduler import plan, plan_uniform, simulate
 from scheduler.oplevel import apply, store_set
+
+from .test_scheduler_planner import llama_like
 
 MB = 10**6
 
@@ -21,15 +23,7 @@ def block_ops():
 
 def profile(n_layers=6, bw=1e9):
     """embed, n_layers equal blocks with their ops, head; a slow link (offload does not pay)."""
-    segs = [SegmentRecord(0, "embed", 1e-3, 2e-3, False, 0)]
-    segs += [SegmentRecord(i, f"layer{i}", 10e-3, 20e-3, True, 50 * MB, ops=block_ops())
-             for i in range(1, n_layers + 1)]
-    segs.append(SegmentRecord(n_layers + 1, "head", 5e-3, 10e-3, False, 0))
-    tens = [TensorRecord(0, 0, 1000, False)]
-    for s in range(1, n_layers + 2):
-        for _ in range(5):
-            tens.append(TensorRecord(len(tens), s, 100 * MB, True))
-    return Profile(tuple(segs), tuple(tens), bw_d2h=bw, bw_h2d=bw)
+    return llama_like(n_layers, bw, ops=block_ops())
 
 
 def test_store_set_takes_the_dearest_ops_per_byte_within_the_cap():

@@ -15,10 +15,11 @@ K, O, R = Action.KEEP, Action.OFFLOAD, Action.RECOMPUTE
 MB = 10**6
 
 
-def llama_like(n_layers=6, bw=20e9, working=0):
-    """embed, n_layers equal blocks, head; each block 5 x 100 MB, F 10 ms, B 20 ms."""
+def llama_like(n_layers=6, bw=20e9, working=0, ops=()):
+    """embed, n_layers equal blocks, head; each block 5 x 100 MB, F 10 ms, B 20 ms (`ops`: its
+    op records)."""
     segs = [SegmentRecord(0, "embed", 1e-3, 2e-3, False, 0)]
-    segs += [SegmentRecord(i, f"layer{i}", 10e-3, 20e-3, True, 50 * MB, working)
+    segs += [SegmentRecord(i, f"layer{i}", 10e-3, 20e-3, True, 50 * MB, working, ops=ops)
              for i in range(1, n_layers + 1)]
     segs.append(SegmentRecord(n_layers + 1, "head", 5e-3, 10e-3, False, 0))
     tens = [TensorRecord(0, 0, 1000, False)]

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
                                     create_selective_checkpoint_contexts)
 
@@ -21,6 +20,7 @@ from offload import HybridCheckpointer
 import offload.core.selective as selective
 
 from .conftest import settle
+from .test_integrations import CountMatmuls
 
 MM = torch.ops.aten.mm.default
 MATMULS = {MM, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -35,16 +35,6 @@ def torch_selective(fn, policy):
     """`fn` under torch.utils.checkpoint with PyTorch's selective contexts for `policy`."""
     ctx = functools.partial(create_selective_checkpoint_contexts, policy)
     return lambda *args: checkpoint(fn, *args, use_reentrant=False, context_fn=ctx)
-
-
-class CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in MATMULS
-        return func(*args, **(kwargs or {}))
 
 
 class Fn(nn.Module):
