@@ -26,6 +26,10 @@ def every_other(site):
 
 POLICIES = ["recompute", every_other, "auto"]
 IDS = ["recompute", "every-other", "auto"]
+# The tests that need a replay: "auto" replays nothing on this stack, where replaying a block
+# holds its inputs, its bytes and its backward's working set at once, more than keeping it
+# (Shifted blocks: 361 vs 263 KiB planned), so its plans keep or offload.
+REPLAYING, REPLAYING_IDS = POLICIES[:2], IDS[:2]
 
 
 def checkpointer(model, policy, **kw) -> HybridCheckpointer:
@@ -118,7 +122,7 @@ def test_state_modified_in_place_before_the_replay_raises(policy, name):
         loss.backward()
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+@pytest.mark.parametrize("policy", REPLAYING, ids=REPLAYING_IDS)
 def test_state_updated_between_steps_is_not_a_change(policy):
     """The optimizer and the user update parameters, buffers and attributes in place between
     steps (after backward, before the next forward): no false alarm, gradients bitwise."""
@@ -289,7 +293,7 @@ class SpectralNormed(nn.Module):
 BLOCKS = [Normed, Counted, SpectralNormed]
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+@pytest.mark.parametrize("policy", REPLAYING, ids=REPLAYING_IDS)
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.__name__)
 def test_state_the_forward_modifies_ends_as_after_a_plain_step(policy, block):
     ref = run(Stack(block), None)
@@ -460,7 +464,7 @@ class Sine(nn.Module):
 FIRST_OPS = {"relu": lambda: nn.ReLU(inplace=True), "mul": Double, "sin": Sine}
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+@pytest.mark.parametrize("policy", REPLAYING, ids=REPLAYING_IDS)
 @pytest.mark.parametrize("first", FIRST_OPS, ids=list(FIRST_OPS))
 def test_region_modifying_its_input_in_place(policy, first):
     """Plain PyTorch trains this; torch.utils.checkpoint raises (checked below); recompute must
@@ -521,7 +525,7 @@ def add_hooks(model):
     return model
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+@pytest.mark.parametrize("policy", REPLAYING, ids=REPLAYING_IDS)
 def test_user_hooks_run_in_the_replay(policy):
     ref = run(add_hooks(Stack(TanhOut)), None)
     model = add_hooks(Stack(TanhOut))
