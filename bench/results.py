@@ -80,6 +80,7 @@ class SoakResult:
     early_step: int
     early: SoakFigures
     end: SoakFigures
+    mid: SoakFigures | None = None  # halfway from `early` to the end: a leak grows in both halves
 
     @property
     def growth(self) -> SoakFigures:

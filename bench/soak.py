@@ -71,11 +71,12 @@ def figures(hc: HybridCheckpointer, device: torch.device) -> SoakFigures:
 
 def soak(contender: Contender, base: torch.nn.Module, cfg: SoakConfig, bar: Progress | None = None) -> SoakResult:
     """Run `cfg.steps` steps of `contender` on a copy of `base`, then its evaluation phase; its
-    figures after step `early` and at the end."""
+    figures after step `early`, halfway from there and at the end."""
     att = contender.attach(copy.deepcopy(base), cfg.preset.blocks)
     hc = att.runtime
     opt = torch.optim.AdamW(att.params, lr=cfg.lr)
-    early = None
+    early = mid = None
+    halfway = (cfg.early + 2 * cfg.steps - 1) // 2
     for s in range(2 * cfg.steps):
         batch = cfg.preset.batch_for(cfg.device, seed=s % cfg.steps)
         if s < cfg.steps:
@@ -89,11 +90,13 @@ def soak(contender: Contender, base: torch.nn.Module, cfg: SoakConfig, bar: Prog
             att.model(*batch)
         if s == cfg.early:
             early = figures(hc, cfg.device)
+        elif s == halfway:
+            mid = figures(hc, cfg.device)
         if bar is not None:
             bar.advance(contender.name)
     end = figures(hc, cfg.device)
     att.close()
-    return SoakResult(contender.name, cfg.steps, cfg.early, early, end)
+    return SoakResult(contender.name, cfg.steps, cfg.early, early, end, mid)
 
 
 def run_soak(cfg: SoakConfig, contenders: Sequence[Contender]) -> list[SoakResult]:

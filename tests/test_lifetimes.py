@@ -565,7 +565,10 @@ def test_a_short_soak_grows_nothing(tmp_path):
         early, end = r["early"], r["end"]
         assert end["pool_bytes"] == early["pool_bytes"] == 0, r
         assert end["tensors"] <= early["tensors"], r
-        assert end["objects"] - early["objects"] <= 10, r
+        # A leak grows in both halves of the window; a one-off (a worker thread's lazily made
+        # state, a cache filling) in one: objects are judged on the smaller half
+        mid = r["mid"]
+        assert min(mid["objects"] - early["objects"], end["objects"] - mid["objects"]) <= 10, r
         assert end["blocks"] - early["blocks"] <= 2 * forwards, r  # the leaks fixed here cost 5-100 a forward
 
 
