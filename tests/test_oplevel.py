@@ -62,6 +62,8 @@ def test_op_profile_has_each_ops_output_bytes_and_what_autograd_saved():
         ]
         assert all(op.forward_s > 0 for op in seg.ops)
         assert sum(op.forward_s for op in seg.ops) == pytest.approx(seg.forward_s)
+        assert seg.dispatched_ops >= len(seg.ops)  # a dispatch mode sees views too
+    assert profile.op_dispatch_s > 0  # measured: what a selective segment pays per op
     assert not any(s.ops for s in profile.segments if not s.recomputable)
 
 
