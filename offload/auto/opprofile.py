@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_leaves
 from scheduler.profile import OpRecord, Profile
 
 from ..core.dtensor import storage
-from ..core.selective import OpPolicy, OpStore, ReplayOps, SaveOps, _stored_ok as storable
+from ..core.selective import _NOT_ASKED, OpPolicy, OpStore, ReplayOps, SaveOps, _stored_ok as storable
 
 CALIBRATION_OPS = 64  # tiny ops timed per run by `dispatch_overhead_s`
 CALIBRATION_RUNS = 5  # runs per mode; the fastest counts (the least disturbed by other work)
@@ -59,7 +59,7 @@ class OpProbe(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.dispatched += 1
-        if not storable(func):
+        if func in _NOT_ASKED or not storable(func):  # numbered as StoreOps numbers them
             return func(*args, **kwargs)
         start = self.mark()
         out = func(*args, **kwargs)
