@@ -49,6 +49,8 @@ class Comparison:
     fraction: float  # the device budget as a fraction of keep's measured peak
     planned_bytes: int  # the budget less what auto keeps for backward
     plans: dict[str, Plan]  # "keep-all", "recompute", "block", "op level"
+    op_dispatch_s: float = 0.0  # the profile's dispatch overhead per op, seconds
+    block_ops: int = 0  # ops a block dispatches (the largest), each paying it
 
 
 def compare(preset_name: str, device: torch.device, fractions: Sequence[float],
@@ -78,7 +80,8 @@ def compare(preset_name: str, device: torch.device, fractions: Sequence[float],
             "recompute": scheduler.plan_uniform(profile, Action.RECOMPUTE),
             "block": scheduler.plan(block_profile(profile), budget, rt.settings.host_budget,
                                     keep_last=rt.settings.keep_last),
-            "op level": rt.policy.plans[sig]}))
+            "op level": rt.policy.plans[sig]}, profile.op_dispatch_s,
+            max((s.op_count for s in profile.segments if s.recomputable), default=0)))
         att.close()
     return keep_peak, out
 
@@ -90,7 +93,8 @@ def lines(preset_name: str, keep_peak: int, comparisons: Sequence[Comparison]) -
     for c in comparisons:
         keep_s = c.plans["keep-all"].predicted_step_s
         out.append(f"budget {c.fraction:.0%} of keep ({c.planned_bytes / 2**20:.1f} MiB planned, "
-                   f"the rest kept for backward)")
+                   f"the rest kept for backward; a selective block's dispatch modes cost "
+                   f"{c.op_dispatch_s * 1e6:.1f} us x {c.block_ops} ops in forward and in replay)")
         for name, p in c.plans.items():
             out.append(f"  {name:<10} {p.predicted_step_s * 1e3:9.1f} {p.predicted_step_s / keep_s - 1:+8.1%} "
                        f"{p.predicted_peak_bytes / 2**20:9.1f}  {letters(p)}")

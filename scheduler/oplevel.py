@@ -10,7 +10,12 @@ The cost of a store set S of segment s, as the simulator weighs it (`apply`), in
 seconds:
 - held on the device from its forward to the end of its backward: the stored bytes
   sum(b_k, k in S) (`held_bytes`), besides its inputs (kept or offloaded as before);
-- its replay runs F_s - sum(f_k, k in S) seconds (f_k: the op's share of F_s);
+- its replay runs F_s - sum(f_k, k in S) + n_s * d seconds (f_k: the op's share of F_s;
+  n_s: the ops the segment dispatches, `SegmentRecord.op_count`; d: the seconds a dispatch mode
+  adds per op, `Profile.op_dispatch_s`), and its forward F_s + n_s * d: a selective segment
+  runs both under a Python dispatch mode that sees every op (selective.py), which plain
+  recompute does not. On a small CPU model (ops of tens of microseconds) that overhead can
+  outweigh what the stored ops save; measured, not assumed (opprofile.py);
 - its replay re-materialises what full recompute would, less the stored outputs that autograd
   saves anyway (`OpRecord.saved_bytes`): those come back as the stored tensors.
 
@@ -77,9 +82,11 @@ def apply(profile: Profile, stores: Mapping[int, Sequence[int]]) -> Profile:
             raise ValueError(f"store_ops: segment {s} ({seg.name}) has no op at positions {missing}")
         picked = [ops[k] for k in dict.fromkeys(positions)]
         replay_s = seg.forward_s if seg.replay_s is None else seg.replay_s
+        dispatch_s = seg.op_count * profile.op_dispatch_s  # n_s * d (module docstring), seconds
         segments[s] = dataclasses.replace(
             seg, held_bytes=seg.held_bytes + sum(op.nbytes for op in picked),
-            replay_s=max(0.0, replay_s - sum(op.forward_s for op in picked)),
+            forward_s=seg.forward_s + dispatch_s,
+            replay_s=max(0.0, replay_s - sum(op.forward_s for op in picked)) + dispatch_s,
             replay_bytes=max(0, dropped.get(s, 0) - sum(op.saved_bytes for op in picked)))
     return dataclasses.replace(profile, segments=tuple(segments))
 
@@ -128,7 +135,9 @@ def choose(profile: Profile, block_plan: Plan, plan_blocks: Callable[[Profile], 
             continue
         tried.add(frozen)
         candidate = plan_blocks(apply(profile, stores))
-        candidate = with_stores(candidate, stores)
+        # re-costed with the store sets its RECOMPUTE segments got: `apply(profile, stores)`
+        # charged every segment with ops a selective forward, a kept one included
+        candidate = predict(with_stores(candidate, stores))
         candidate = dataclasses.replace(candidate, notes=candidate.notes + (
             f"op level: selective recompute storing ops up to {share:g} of each block's saved bytes",))
         if not any(sp.selective for sp in candidate.segments):

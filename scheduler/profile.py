@@ -26,6 +26,12 @@ Fields added after the first runtime (all with defaults, so older callers keep w
   saved less those a later segment saves again). `held_bytes`: device bytes a RECOMPUTE of it
   holds from the start of its forward to the end of its backward besides its inputs (never
   offloaded). Set by `oplevel.apply` for selective recompute (the stored op outputs).
+- `SegmentRecord.dispatched_ops` and `Profile.op_dispatch_s`: how many ops the segment's forward
+  dispatches (every op a dispatch mode sees: views, in-place and random ops too; 0 = not
+  measured, `len(ops)` stands in) and the seconds a selective segment's dispatch modes add per
+  such op (the forward's SaveOps, the replay's mode: a few Python calls each, measured once per
+  profile; 0.0 = not measured, none modelled). What `oplevel.apply` charges selective recompute
+  on top of the ops' own times.
 """
 from __future__ import annotations
 
@@ -86,6 +92,13 @@ class SegmentRecord:
     replay_s: float | None = None  # seconds a replay takes; None: forward_s (a full replay)
     replay_bytes: int | None = None  # bytes a replay re-materialises; None: all it dropped
     held_bytes: int = 0  # bytes a RECOMPUTE holds from forward to backward besides its inputs
+    dispatched_ops: int = 0  # ops its forward dispatches, views included; 0 = not measured
+
+    @property
+    def op_count(self) -> int:
+        """Ops a dispatch mode sees in one run of the segment: `dispatched_ops`, or `len(ops)`
+        when that was not measured."""
+        return self.dispatched_ops or len(self.ops)
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ class Profile:
     bw_h2d: float  # measured host-to-device bandwidth, bytes/s
     transfer_latency_s: float = 10e-6  # fixed cost per copy, seconds
     signature: str = ""  # the input-shape signature this profile was measured under
+    op_dispatch_s: float = 0.0  # seconds a selective segment's dispatch mode adds per op it sees
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def saved_bytes(self, segment: int) -> int:

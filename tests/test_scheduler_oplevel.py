@@ -49,6 +49,17 @@ def test_apply_costs_a_selective_replay():
         apply(p, {0: (0,)})
 
 
+def test_apply_charges_a_selective_segments_dispatch_overhead_per_op():
+    p = dataclasses.replace(profile(), op_dispatch_s=20e-6)
+    p = dataclasses.replace(p, segments=(p.segments[0], dataclasses.replace(p.segments[1], dispatched_ops=50))
+                            + p.segments[2:])
+    q = apply(p, {1: (1, 3), 2: (1,)})
+    assert q.segments[1].forward_s == pytest.approx(10e-3 + 50 * 20e-6)  # SaveOps sees 50 ops
+    assert q.segments[1].replay_s == pytest.approx(10e-3 - 8.5e-3 + 50 * 20e-6)  # so does the replay
+    assert q.segments[2].forward_s == pytest.approx(10e-3 + 4 * 20e-6)  # not counted: its 4 ops
+    assert q.segments[3] == p.segments[3]  # not selective: runs plain
+
+
 def test_simulated_selective_segment_replays_less_and_holds_its_stored_bytes():
     p = profile(n_layers=2)
     full = Plan(tuple(SegmentPlan(Action.RECOMPUTE if s.recomputable else Action.KEEP)
@@ -117,3 +128,22 @@ def test_a_waiting_micro_batch_holds_a_selective_segments_stored_outputs():
     a, b = cost_of(p, full, "R"), cost_of(p, selective, "S")
     assert b.resident - a.resident == 200 * MB
     assert b.replay_s == pytest.approx(a.replay_s - 8.5e-3)
+
+
+@pytest.mark.parametrize("op_dispatch_s, selective", [(0.0, True), (2e-3, False)])
+def test_a_dear_dispatch_overhead_per_op_keeps_the_block_plan(op_dispatch_s, selective):
+    """Each selective block pays 4 ops x the overhead in forward and again in its replay: at
+    2 ms an op (16 ms a block) that outweighs the 8.5 ms its stored matmuls save."""
+    p = dataclasses.replace(profile(), op_dispatch_s=op_dispatch_s)
+    keep, rec = plan_uniform(p, Action.KEEP), plan_uniform(p, Action.RECOMPUTE)
+    budget = (keep.predicted_peak_bytes + rec.predicted_peak_bytes) // 2
+    blocks = plan(dataclasses.replace(p, segments=tuple(dataclasses.replace(s, ops=())
+                                                        for s in p.segments)), budget, None)
+    got = plan(p, budget, None)
+    assert any(sp.selective for sp in got.segments) is selective
+    assert got.predicted_peak_bytes <= budget
+    assert got.predicted_step_s <= blocks.predicted_step_s
+    if not selective:
+        assert got.segments == blocks.segments
+    tl = simulate(p, got)  # the public simulator charges the overhead as the planner did
+    assert (tl.step_s, tl.peak_device_bytes) == (got.predicted_step_s, got.predicted_peak_bytes)

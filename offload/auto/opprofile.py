@@ -12,14 +12,26 @@ the region saved until its forward ends; every other intermediate has died): the
 The warm-up step's times carry first-call costs (allocator, kernel selection), so `op_records`
 keeps only their shares: per op position the median over the region calls with the same op
 sequence, scaled so each segment's ops add up to its forward time measured on the timed step.
+
+A selective segment pays more than its ops: its forward runs under selective.py's `SaveOps`, its
+replay under `ReplayOps`, Python dispatch modes that see every op the region dispatches (views
+too), a few Python calls each. `OpProbe` counts those ops (`SegmentRecord.dispatched_ops`) and
+`dispatch_overhead_s` measures the seconds per op once per profile, on tiny ops so the op's own
+work is negligible (`Profile.op_dispatch_s`); the planner charges n x that to a selective
+segment's forward and to its replay (scheduler/oplevel.py). Measured on this 2-core CPU: about
+10 us per op on tiny tensors, 20-40 us per op inside a 256-wide GPT block (65 ops a block; about
+10% of its 20 ms forward on one thread), so the figure is a lower bound there.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
+import time
 from typing import Any, Callable
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -27,7 +39,10 @@ from torch.utils._pytree import tree_leaves
 from scheduler.profile import OpRecord, Profile
 
 from ..core.dtensor import storage
-from ..core.selective import _stored_ok as storable
+from ..core.selective import _NOT_ASKED, OpPolicy, OpStore, ReplayOps, SaveOps, _stored_ok as storable
+
+CALIBRATION_OPS = 64  # tiny ops timed per run by `dispatch_overhead_s`
+CALIBRATION_RUNS = 5  # runs per mode; the fastest counts (the least disturbed by other work)
 
 
 class OpProbe(TorchDispatchMode):
@@ -39,10 +54,12 @@ class OpProbe(TorchDispatchMode):
         # per op: name, output bytes, start mark, end mark, (weak ref, bytes) of its output storages
         self.ops: list[tuple[str, int, object, object, list[tuple[StorageWeakRef, int]]]] = []
         self.saved: list[int] = []  # per op: bytes of its outputs autograd saved (set on exit)
+        self.dispatched = 0  # every op seen, views and random ops too (what SaveOps sees)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not storable(func):
+        self.dispatched += 1
+        if func in _NOT_ASKED or not storable(func):  # numbered as StoreOps numbers them
             return func(*args, **kwargs)
         start = self.mark()
         out = func(*args, **kwargs)
@@ -73,6 +90,35 @@ class OpProbe(TorchDispatchMode):
         return out
 
 
+def _never_store(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def dispatch_overhead_s(device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds selective recompute's dispatch modes add per op, host clock: `CALIBRATION_OPS`
+    one-element adds on `device`, run plain, under `SaveOps` (a policy that stores nothing) and
+    under `ReplayOps` (an empty store), fastest of `CALIBRATION_RUNS` each; the mean of the two
+    modes' excess over plain, per op, at least 0. Under no_grad: nothing is saved. On a GPU the
+    adds only launch, so this is the host's cost per op (hidden there behind large kernels)."""
+    store = OpStore(OpPolicy(_never_store, on_replay=False))
+    modes = (lambda: contextlib.nullcontext(),
+             lambda: SaveOps(store, lambda x: None, lambda x: None, lambda: False),
+             lambda: ReplayOps(store, lambda: True))
+    x = torch.zeros(1, device=device)
+    best = [float("inf")] * len(modes)
+    with torch.no_grad():
+        for _ in range(CALIBRATION_RUNS):
+            for m, mode in enumerate(modes):
+                y = x
+                start = clock()
+                with mode():
+                    for _ in range(CALIBRATION_OPS):
+                        y = y + 1
+                best[m] = min(best[m], clock() - start)
+    plain, save, replay = best
+    return max(0.0, (save + replay) / 2 - plain) / CALIBRATION_OPS
+
+
 def op_records(probes: dict[int, OpProbe], seconds: Callable[[object], float | None],
                forward_s: dict[int, float]) -> dict[int, tuple[OpRecord, ...]]:
     """Per segment, its `OpRecord`s: op times as shares (the median per position over the
@@ -94,13 +140,15 @@ def op_records(probes: dict[int, OpProbe], seconds: Callable[[object], float | N
 
 
 def attach_ops(profile: Profile, probes: dict[int, OpProbe],
-               seconds: Callable[[object], float | None]) -> Profile:
-    """`profile` with each probed region segment's ops (`SegmentRecord.ops`)."""
+               seconds: Callable[[object], float | None], op_dispatch_s: float = 0.0) -> Profile:
+    """`profile` with each probed region segment's ops (`SegmentRecord.ops`, and how many ops
+    it dispatches) and `op_dispatch_s`, the seconds per op a selective segment's dispatch modes
+    add (`dispatch_overhead_s`)."""
     if not probes:
         return profile
     forward_s = {s.index: s.forward_s for s in profile.segments}
-    records = op_records({i: p for i, p in probes.items() if i < len(profile.segments)
-                          and profile.segments[i].recomputable}, seconds, forward_s)
-    return dataclasses.replace(profile, segments=tuple(
-        dataclasses.replace(s, ops=records[s.index]) if s.index in records else s
-        for s in profile.segments))
+    probed = {i: p for i, p in probes.items() if i < len(profile.segments) and profile.segments[i].recomputable}
+    records = op_records(probed, seconds, forward_s)
+    return dataclasses.replace(profile, op_dispatch_s=op_dispatch_s, segments=tuple(
+        dataclasses.replace(s, ops=records[s.index], dispatched_ops=probed[s.index].dispatched)
+        if s.index in records else s for s in profile.segments))

@@ -56,7 +56,7 @@ from ..core.policy import Policy, RegionSite, TensorSite
 from ..core.selective import OpPolicy
 from ..observe.planview import PlanView, explain_note, plan_mix
 from .inputs import InputShape, input_shape
-from .opprofile import OpProbe, attach_ops
+from .opprofile import OpProbe, attach_ops, dispatch_overhead_s
 from .profile import build_profile
 from .storeops import StoreOps
 from .workset import WorkingSetProbe
@@ -264,7 +264,9 @@ class AutoPolicy(Policy):
         rt.backend.settle()
         profile = build_profile(forward, timeline.resolve(rt.backend), self._link, signature,
                                 self.worksets.get(signature, {}))
-        profile = attach_ops(profile, self.op_probes.pop(signature, {}), rt.backend.seconds)
+        probes = self.op_probes.pop(signature, {})
+        profile = attach_ops(profile, probes, rt.backend.seconds,
+                             dispatch_overhead_s(rt.device) if probes else 0.0)
         profile = replace(profile, meta={**profile.meta, "shape": shape})
         if forward.meshes:
             self._tensor_parallel = True
