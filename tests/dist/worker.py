@@ -476,6 +476,7 @@ def main() -> None:
                      "pp-1f1b": lambda r, w: pp_cases(r, w, ("1f1b",))}
             result.update(cases[case](rank, world))
     finally:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"rank{rank}.json").write_text(json.dumps(result, indent=1))
         dist.destroy_process_group()
 
