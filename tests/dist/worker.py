@@ -315,6 +315,7 @@ def tp_train(mesh, sp: bool, policy, ref, rank: int, backwards: int = 1, **kw) -
         report = hc.report().to_dict()
         return {"bad": compare(ref, got), "stats": stats_of(hc), "regions": [r.name for r in hc.regions],
                 "plan": None if hc.plan is None else [s.action.value for s in hc.plan.segments],
+                "selective": 0 if hc.plan is None else sum(s.selective for s in hc.plan.segments),
                 "verify": report.get("verify")}
     finally:
         hc.close()
