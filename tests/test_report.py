@@ -610,13 +610,13 @@ def test_residency_curve_is_bounded_and_forgets_earlier_steps():
     series = res.start_step()
     kept = [torch.empty(1) for _ in range(MAX_POINTS)]
     for t in kept:
-        res.track(t, "kept")
+        res.track(t.untyped_storage(), "kept")
     peak = res.peak
     del kept, t  # each free is a point too: 2 * MAX_POINTS changes
     assert res.total == 0 and peak == MAX_POINTS * 4
     assert len(series) <= MAX_POINTS + 1 and max(b for _, b in series) == peak
     t = torch.empty(1000)
-    res.track(t, "kept")
+    res.track(t.untyped_storage(), "kept")
     res.start_step()  # a storage of an earlier step freed now does not count against this one
     del t
     assert res.total == 0 and res.peak == 0

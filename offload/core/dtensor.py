@@ -33,6 +33,9 @@ from typing import Any, Iterable
 import torch
 
 
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 def _dtensor_class() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
     return None if module is None else module.DTensor
@@ -40,7 +43,7 @@ def _dtensor_class() -> type | None:
 
 def local_shard(t: torch.Tensor) -> torch.Tensor | None:
     """The local tensor holding a DTensor's data on this rank; None for any other tensor."""
-    if type(t) is torch.Tensor:  # the common case, asked several times per saved tensor
+    if type(t) in _PLAIN:  # the common cases, asked for every saved tensor
         return None
     cls = _dtensor_class()
     if cls is None or not isinstance(t, cls):

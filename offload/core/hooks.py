@@ -33,7 +33,7 @@ from scheduler.plan import Action, SegmentPlan
 from scheduler.profile import TensorRecord
 
 from ..observe.timeline import Timeline
-from .dtensor import data_of, spec_of, storage
+from .dtensor import data_of, spec_of
 from .errors import OffloadError, warn
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
@@ -70,16 +70,16 @@ class Segment:
 
 
 def storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
-    """`t`'s storage, or None for a tensor without one (sparse, mkldnn, some wrapper subclasses)."""
+    """`t`'s storage (a DTensor's: its local shard's), or None for a tensor without one (sparse,
+    mkldnn, some wrapper subclasses)."""
+    return _storage_or_none(data_of(t))
+
+
+def _storage_or_none(x: torch.Tensor) -> torch.UntypedStorage | None:
     try:
-        return storage(t)  # a DTensor's: its local shard's
+        return x.untyped_storage()
     except (NotImplementedError, RuntimeError):
         return None
-
-
-def storage_key(t: torch.Tensor) -> StorageWeakRef | None:
-    storage = storage_of(t)
-    return None if storage is None else StorageWeakRef(storage)
 
 
 def rebuildable(t: torch.Tensor) -> bool:
@@ -90,9 +90,30 @@ def rebuildable(t: torch.Tensor) -> bool:
 
 
 def param_storage_ids(module: nn.Module) -> set[int]:
-    """StorageImpl addresses of `module`'s parameters and buffers (Rule 6); sparse ones have none."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return {s._cdata for t in tensors if (s := storage_of(t)) is not None}
+    """StorageImpl addresses of `module`'s parameters and buffers (Rule 6); sparse ones have none.
+    Walks the submodules' own dicts, without `named_modules`' name strings: this runs at every
+    region call."""
+    ids: set[int] = set()
+    seen: set[int] = set()
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is not None and (s := storage_of(t)) is not None:
+                    ids.add(s._cdata)
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return ids
+
+
+def flat_leaves(args: tuple, kwargs: dict) -> list:
+    """The leaves of a call's arguments; the common call (positional tensors only) without pytree."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        return list(args)
+    return torch.utils._pytree.tree_leaves((args, kwargs))
 
 
 class ForwardPass:
@@ -190,7 +211,7 @@ class ForwardPass:
         seg.forward_start = self.backend.mark()
         self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        leaves = flat_leaves(args, kwargs)
         if not self.rt.warned_cache and any(is_kv_cache(x) for x in leaves):
             self.rt.warned_cache = True
             warn(f"HybridCheckpointer: {region.name} was called with a KV cache during training (Hugging "
@@ -211,7 +232,7 @@ class ForwardPass:
                 seg.frame.store = OpStore(op_policy)
                 seg.mode = SaveOps(seg.frame.store,
                                    offload=lambda t, _s=seg: self._offload_output(t, _s),
-                                   keep=lambda t, _s=seg: self._count(storage_key(t), t, _s, "kept"),
+                                   keep=lambda t, _s=seg: self._keep_output(t, _s),
                                    replaying=lambda: self.rt.replay_guard.depth > 0)
             else:
                 seg.mode = self.rt.policy.op_probe(site, idx)  # auto's op profile
@@ -294,28 +315,33 @@ class ForwardPass:
         seg = self._current()
         if not self.depth and not self.compiled_gap:
             self.compiled_gap = in_compiled_module()
-        key = storage_key(t)
-        if key is None:  # no storage to key on, count or move: kept as autograd keeps it
+        # The storage is looked up once per save and handed down: this runs for every saved tensor.
+        x = data_of(t)
+        st = _storage_or_none(x)
+        if st is None:  # no storage to key on, count or move: kept as autograd keeps it
             if seg.frame is not None:
                 seg.frame.add_kept(t)
             return KeepHandle(t, seg.name, self.token)
-        param = self._is_param(t)
-        first = self._record(k, t, seg, key, param)
+        key = StorageWeakRef(st)
+        param = self._is_param(t, st)
+        movable = not param and self._offloadable(x, st)
+        first = self._record(k, t, seg, key, st, param, movable)
         if seg.frame is not None:
-            if param or not rebuildable(t):
+            if param or not rebuildable(x):
                 seg.frame.add_kept(t)
-                self._count(key, t, seg, None if param else "kept")
+                self._count(key, st, seg, None if param else "kept")
                 return KeepHandle(t, seg.name, self.token)
-            self._count(key, t, seg, "recomputed")
+            self._count(key, st, seg, "recomputed")
             return seg.frame.add_slot(t)
-        handle = self._already_moved(t, key, seg, param)
-        if handle is not None:
-            return handle.give_back_as(t)
-        if first and not param and self._wants_offload(k, t, seg):  # the first save decides
-            handle = self._offload(t, seg, key)
+        if movable:
+            handle = self._already_moved(t, key, seg)
             if handle is not None:
                 return handle.give_back_as(t)
-        self._count(key, t, seg, None if param else "kept")
+            if first and self._wants_offload(k, t, seg, st):  # the first save decides
+                handle = self._offload(t, seg, key, st)
+                if handle is not None:
+                    return handle.give_back_as(t)
+        self._count(key, st, seg, None if param else "kept")
         return KeepHandle(t, seg.name, self.token)
 
     def unpack(self, handle) -> torch.Tensor:
@@ -325,64 +351,68 @@ class ForwardPass:
 
     def _pack_input(self, t: torch.Tensor, seg: Segment):
         """A recomputed region's input: kept, or offloaded when the plan says so."""
-        key = storage_key(t)
-        if key is None:
+        x = data_of(t)
+        st = _storage_or_none(x)
+        if st is None:
             return KeepHandle(t, seg.name, self.token)
-        param = self._is_param(t)
-        handle = self._already_moved(t, key, seg, param)
-        if handle is not None:
-            return handle.give_back_as(t)
-        if seg.plan.offload_inputs and not param and self._offloadable(t):
-            handle = self._offload(t, seg, key)
+        key = StorageWeakRef(st)
+        param = self._is_param(t, st)
+        if not param and self._offloadable(x, st):
+            handle = self._already_moved(t, key, seg)
             if handle is not None:
                 return handle.give_back_as(t)
-        self._count(key, t, seg, None if param else "kept")
+            if seg.plan.offload_inputs:
+                handle = self._offload(t, seg, key, st)
+                if handle is not None:
+                    return handle.give_back_as(t)
+        self._count(key, st, seg, None if param else "kept")
         return KeepHandle(t, seg.name, self.token)
 
     def _offload_output(self, t: torch.Tensor, seg: Segment) -> OffloadHandle | None:
         """An op output the selective policy offloads (None: keep it, too small or pool full)."""
-        key = storage_key(t)
-        if key is None:
+        x = data_of(t)
+        st = _storage_or_none(x)
+        if st is None or self._is_param(t, st) or not self._offloadable(x, st):
             return None
-        param = self._is_param(t)
-        handle = self._already_moved(t, key, seg, param)
-        if handle is not None:
-            return handle
-        if param or not self._offloadable(t):
-            return None
-        return self._offload(t, seg, key)
+        key = StorageWeakRef(st)
+        return self._already_moved(t, key, seg) or self._offload(t, seg, key, st)
 
-    def _already_moved(self, t: torch.Tensor, key: StorageWeakRef, seg: Segment,
-                       param: bool) -> OffloadHandle | None:
+    def _keep_output(self, t: torch.Tensor, seg: Segment) -> None:
+        """An op output the selective policy stores on the device: counted as kept."""
+        st = storage_of(t)
+        if st is not None:
+            self._count(StorageWeakRef(st), st, seg, "kept")
+
+    def _already_moved(self, t: torch.Tensor, key: StorageWeakRef, seg: Segment) -> OffloadHandle | None:
         """Rule 4: a storage already copied to the host is not also held on the device; the
         latest segment that saves it prefetches it too. Rule 6 holds for this save as for the
-        first: a save the filters refuse (a parameter view, a subclass) is kept instead."""
+        first: callers ask only for saves the filters let through (a parameter view, a subclass
+        is kept instead)."""
         copies = self.rt.copies
         copy = copies.get((key, t._version)) if copies else None
-        if copy is None or param or not self._offloadable(t):
+        if copy is None:
             return None
         if not seg.copies or seg.copies[-1]() is not copy:
             seg.copies.append(weakref.ref(copy))
         return OffloadHandle(copy, t, seg.name, self.token)
 
-    def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment) -> bool:
+    def _wants_offload(self, k: int, t: torch.Tensor, seg: Segment, st: torch.UntypedStorage) -> bool:
         policy = self.rt.policy
         if seg.plan.action is not Action.OFFLOAD and not policy.per_tensor:
             return False
-        if not self._offloadable(t):
-            return False
-        site = TensorSite(seg.site, k, tuple(t.shape), t.dtype, storage(t).nbytes())
+        site = TensorSite(seg.site, k, tuple(t.shape), t.dtype, st.nbytes())
         return policy.tensor(site, seg.plan) is Action.OFFLOAD
 
-    def _offload(self, t: torch.Tensor, seg: Segment, key: StorageWeakRef) -> OffloadHandle | None:
-        nbytes = storage(t).nbytes()
+    def _offload(self, t: torch.Tensor, seg: Segment, key: StorageWeakRef,
+                 st: torch.UntypedStorage) -> OffloadHandle | None:
+        nbytes = st.nbytes()
         blocks = self.rt.pool.alloc(nbytes)
         if blocks is None:  # Rule 3: the pool is full; keep it and say so
             self.stats.add_fallback(nbytes)
             self.rt.note_fallback(nbytes, seg.name)
             return None
         try:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage(t))
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
         except BaseException:  # Rule 9: the blocks go back (past this point HostCopy owns them)
             self.rt.pool.free(blocks, after=[])
             raise
@@ -391,27 +421,28 @@ class ForwardPass:
         del src  # the backend holds the source until its copy is done, and no longer
         self.rt.copies[(key, t._version)] = copy  # Rule 4: keyed on the storage, never a pointer
         seg.copies.append(weakref.ref(copy))
-        self._count(key, t, seg, "offloaded")
+        self._count(key, st, seg, "offloaded")
         return OffloadHandle(copy, t, seg.name, self.token)
 
     # -- filters (Rule 6) --------------------------------------------------------------------------
-    def _is_param(self, t: torch.Tensor) -> bool:
+    def _is_param(self, t: torch.Tensor, st: torch.UntypedStorage) -> bool:
         base = t._base if t._is_view() and t._base is not None else t
         if base.is_leaf and (base.requires_grad or isinstance(base, nn.Parameter)):
             return True  # frozen parameters too: moving them frees nothing
-        return storage(t)._cdata in self.param_storages
+        return st._cdata in self.param_storages
 
-    def _offloadable(self, t: torch.Tensor) -> bool:
-        x = data_of(t)
+    def _offloadable(self, x: torch.Tensor, st: torch.UntypedStorage) -> bool:
+        """`x` (a tensor's data, `data_of`) may be moved: rebuildable, on the device, big enough."""
         return (rebuildable(x) and x.device == self.device
-                and x.untyped_storage().nbytes() >= self.settings.min_offload_bytes)
+                and st.nbytes() >= self.settings.min_offload_bytes)
 
     # -- accounting --------------------------------------------------------------------------------
-    def _record(self, k: int, t: torch.Tensor, seg: Segment, key: StorageWeakRef, param: bool) -> bool:
+    def _record(self, k: int, t: torch.Tensor, seg: Segment, key: StorageWeakRef,
+                st: torch.UntypedStorage, param: bool, movable: bool) -> bool:
         """Note the save for the profile; True if this is the storage's first save in this forward."""
         entry = self._seen.get(key)
         if entry is None:
-            self._seen[key] = [k, seg.index, storage(t).nbytes(), not param and self._offloadable(t), -1, param]
+            self._seen[key] = [k, seg.index, st.nbytes(), movable, -1, param]
             spec = spec_of(t)
             if spec is not None:
                 self.meshes[spec.mesh] = None
@@ -420,18 +451,15 @@ class ForwardPass:
             entry[4] = seg.index
         return False
 
-    def _count(self, key: StorageWeakRef, t: torch.Tensor, seg: Segment, action: str | None) -> None:
+    def _count(self, key: StorageWeakRef, st: torch.UntypedStorage, seg: Segment, action: str | None) -> None:
         """Count a storage's bytes once per forward, under the first action it got (None: a
-        parameter or buffer, never moved); what stays on the device counts as resident.
-        Storage-less tensors (key None) have no bytes to count."""
-        if key is None:
-            return
+        parameter or buffer, never moved); what stays on the device counts as resident."""
         if action in ("kept", "offloaded"):  # on the device until freed: kept, or the source of a D2H
-            self.rt.residency.track(t, "kept" if action == "kept" else "in_flight")
+            self.rt.residency.track(st, "kept" if action == "kept" else "in_flight")
         if key in self._counted:
             return
         self._counted.add(key)
-        nbytes = storage(t).nbytes()
+        nbytes = st.nbytes()
         seg.saved[action] = seg.saved.get(action, 0) + nbytes
         if action == "kept" and nbytes < self.settings.min_offload_bytes:
             self.stats.add_small(nbytes)

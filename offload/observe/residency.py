@@ -57,9 +57,8 @@ class Residency:
             self.series = [(time.perf_counter(), 0)]
             return self.series
 
-    def track(self, t: torch.Tensor, kind: str) -> None:
-        """Count `t`'s storage under `kind` until it is freed (a storage counts once)."""
-        storage = t.untyped_storage()
+    def track(self, storage: torch.UntypedStorage, kind: str) -> None:
+        """Count `storage` under `kind` until it is freed (a storage counts once)."""
         key = storage._cdata
         if key in self._live:  # unlocked peek: the common case, a storage saved again
             return

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.dtensor import storage
 from .residency import Residency
 from .timeline import Timeline
 from ..transfer.backend import CopyEvent
@@ -89,7 +90,7 @@ class StepStats:
     def add_reload(self, event: CopyEvent, prefetch: bool, buf: torch.Tensor | None = None) -> None:
         """A reload was issued; `buf` (its device buffer) counts as resident until freed."""
         if buf is not None and self.residency is not None:
-            self.residency.track(buf, "reloaded")
+            self.residency.track(buf.untyped_storage(), "reloaded")
         with self._lock:
             self.h2d_bytes += event.record.nbytes
             if prefetch:
@@ -105,7 +106,7 @@ class StepStats:
         """A region was replayed; the tensors it `refilled` count as resident until freed."""
         if self.residency is not None:
             for t in refilled:
-                self.residency.track(t, "recomputed")
+                self.residency.track(storage(t), "recomputed")
         with self._lock:
             self.replays += 1
         self.timeline.add_compute("recompute", name, start, end)
