@@ -44,7 +44,8 @@ class HybridCheckpointer:
             an `offload.Action`, or a callable given a `RegionSite` per region call and a
             `TensorSite` per saved tensor, returning an `Action` (or None for the default).
         device_budget: bytes that saved activations may occupy on the device at once ("auto"
-            plans under it); int bytes or "12GiB", "512MB", "40%" (of free device memory).
+            plans under it; when copies lag the link, the forward waits for them rather than
+            pass it); int bytes or "12GiB", "512MB", "40%" (of free device memory).
             None: free device memory less 10%.
         host_budget: pinned host bytes the runtime may hold, same forms ("40%" of available
             host memory). None: half the available host memory (cgroup-aware), divided among

@@ -102,6 +102,7 @@ class AutoPolicy(Policy):
         self.plans: dict[str, Plan] = {}
         self.profiles: dict = {}
         self.reserves: dict[str, int] = {}
+        self.limits: dict[str, int] = {}  # signature -> device bytes its plan holds to (Rule 10)
         self._pending: tuple | None = None  # (forward, signature) awaiting its backward
         self._warm: dict[str, int] = {}  # signature -> profiling forwards seen
         self._signature = ""
@@ -301,8 +302,8 @@ class AutoPolicy(Policy):
                 log.info("auto plan: %s", explain_note(note))
         if signature not in self.plans and len(self.plans) >= MAX_SIGNATURES:  # variable shapes: forget the oldest plan
             oldest = next(iter(self.plans))
-            for table in (self.plans, self.profiles, self.reserves, self._warm, self.sources, self.worksets,
-                          self.op_probes):
+            for table in (self.plans, self.profiles, self.reserves, self.limits, self._warm, self.sources,
+                          self.worksets, self.op_probes):
                 table.pop(oldest, None)
         self.plans.pop(signature, None)  # re-inserted last: the newest plan is forgotten last
         self.profiles[signature] = profile
@@ -310,6 +311,9 @@ class AutoPolicy(Policy):
         self.sources[signature] = source
         rt.pool.reserve(plan.predicted_host_bytes)  # grow pinned slabs now, not mid-step
         self.reserves[signature] = reserve
+        # The forward waits on lagging copies above this (Rule 10): the budget the plan was made
+        # under, or an infeasible plan's own peak (it runs anyway; waiting would not bring it down).
+        self.limits[signature] = max(budget - reserve, plan.predicted_peak_bytes)
         log.info("auto plan for %s (from the %s): %s; predicted step %.2f ms, peak %.1f MiB (budget "
                  "%.1f MiB, %.1f MiB of it reserved for backward; %d forward(s) in flight)",
                  signature or "(no inputs)", source, plan_mix(plan), plan.predicted_step_s * 1e3,
@@ -352,6 +356,10 @@ class AutoPolicy(Policy):
 
     def lookahead(self) -> int:
         return self._plan.lookahead if self._plan is not None else 2
+
+    def device_limit(self) -> int | None:
+        plan = self._plan
+        return None if plan is None else self.limits.get(plan.signature)
 
     def current_plan(self) -> PlanView | None:
         plan = self._plan

@@ -151,6 +151,7 @@ class ForwardPass:
         self.verifier: Verifier | None = None  # verify mode: references taken at pack
         self.meshes: dict = {}  # device meshes of the DTensors saved, in first-save order
         self.compiled_gap = False  # a tensor was saved outside regions inside a compiled model
+        self._limit: int | None | bool = False  # Rule 10's limit, once the first offload asks (False: not yet)
 
     @property
     def started(self) -> bool:
@@ -302,6 +303,8 @@ class ForwardPass:
     # -- pack --------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
         handle = self._pack(t)
+        if self.rt.gate.running:  # Rule 10: whatever this save added, copies lag behind
+            self._hold_budget()
         if self.verifier is not None and not isinstance(handle, KeepHandle):
             seg = self.segments[-1]
             action = "recomputed" if seg.frame is not None else "offloaded"
@@ -422,7 +425,19 @@ class ForwardPass:
         self.rt.copies[(key, t._version)] = copy  # Rule 4: keyed on the storage, never a pointer
         seg.copies.append(weakref.ref(copy))
         self._count(key, st, seg, "offloaded")
+        self.rt.gate.issued(copy.d2h_event)
         return OffloadHandle(copy, t, seg.name, self.token)
+
+    def _hold_budget(self, extra: int = 0) -> None:
+        """Rule 10: wait for lagging copies while the saved bytes on the device, plus `extra`
+        about to be allocated, exceed the limit."""
+        rt = self.rt
+        if self._limit is False:  # asked once copies run: auto's plan is chosen by then
+            self._limit = rt.device_limit()
+        if self._limit is not None:
+            waits, seconds = rt.gate.hold(lambda: rt.residency.total, self._limit, extra)
+            if waits:
+                self.stats.add_budget_wait(waits, seconds)
 
     # -- filters (Rule 6) --------------------------------------------------------------------------
     def _is_param(self, t: torch.Tensor, st: torch.UntypedStorage) -> bool:
@@ -501,4 +516,6 @@ class ForwardPass:
             for ref in reversed(self.segments[s].copies):
                 copy = ref()
                 if copy is not None:
+                    if copy.device_bytes is None:  # its bytes come on top of lagging copies' (Rule 10)
+                        self._hold_budget(copy.nbytes)
                     copy.reload(prefetch=True)

@@ -91,6 +91,10 @@ class Policy:
         """The scheduler's `Plan` the last forward ran (policy="auto"); None otherwise."""
         return None
 
+    def device_limit(self) -> int | None:
+        """The device bytes the current plan was made to stay under (policy="auto"; None: no plan)."""
+        return None
+
     def model_inputs(self, args: tuple, kwargs: dict) -> None:
         """The model was called with these inputs (before any of its tensors were saved)."""
 

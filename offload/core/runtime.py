@@ -23,6 +23,7 @@ from ..observe.timeline import Timeline
 from ..transfer.backend import TransferBackend
 from ..transfer.hostpool import HostPool
 from .errors import warn
+from .gate import BudgetGate
 from .policy import Policy
 from .recompute import ReplayGuard
 from .regions import Region
@@ -82,6 +83,7 @@ class Runtime:
         self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.expected_calls = 0  # region calls the last complete forward made
         self.residency = Residency()  # saved-activation bytes on the device, measured
+        self.gate = BudgetGate(backend)  # Rule 10: D2H copies running, for the forward to wait on
         self.step_listeners: list[weakref.WeakMethod] = []  # called with each finished step
         self.stats = self._new_stats(1)
         self.backward_seen = False
@@ -203,6 +205,13 @@ class Runtime:
         if self.settings.lookahead is not None:
             return 2 * self.settings.lookahead  # regions -> segments (a call and the gap after it)
         return self.policy.lookahead()
+
+    def device_limit(self) -> int | None:
+        """Rule 10: the saved bytes the forward waits on lagging copies to stay under: the
+        device budget the user gave, else the one policy="auto" planned under; None: no limit."""
+        if self.settings.device_budget is not None:
+            return self.settings.device_budget
+        return self.policy.device_limit()
 
     def device_budget(self) -> int:
         """The device budget in force: the user's, or free device memory less headroom."""

@@ -48,6 +48,8 @@ class Report:
     h2d_gbps: float | None
     overlap_fraction: float | None  # transfer time hidden under compute; None if nothing moved
     stall_s: float  # compute waiting on reloads
+    budget_waits: int  # lagging copies the forward waited for to hold the device budget (Rule 10)
+    budget_wait_s: float
     prefetch_hits: int
     prefetch_misses: int
     # memory
@@ -135,6 +137,7 @@ class Report:
             d2h_gbps=tl.bytes("d2h") / d2h_busy / 1e9 if d2h_busy > 0 else None,
             h2d_gbps=tl.bytes("h2d") / h2d_busy / 1e9 if h2d_busy > 0 else None,
             overlap_fraction=tl.overlap_fraction(), stall_s=tl.stall_s(),
+            budget_waits=s.budget_waits, budget_wait_s=s.budget_wait_s,
             prefetch_hits=s.prefetch_hits, prefetch_misses=s.prefetch_misses,
             host_budget=rt.settings.host_budget, host_reserved=rt.pool.reserved, host_in_use=s.host_in_use,
             host_high_water=s.host_high_water, param_bytes=params, grad_bytes=grads,
@@ -207,6 +210,8 @@ class Report:
                                              f"{_gbps(self.h2d_gbps)}"),
                 ("overlap (copies hidden)", overlap),
                 ("compute stalled on reloads", _ms(self.stall_s)),
+                ("forward waited on lagging copies", f"{self.budget_waits} copies, {_ms(self.budget_wait_s)} "
+                                                     f"(to hold the device budget)"),
                 ("reloads prefetched / on demand", f"{self.prefetch_hits} / {self.prefetch_misses}"),
             ]
         rows.append(("host pool high-water / budget",

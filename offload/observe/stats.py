@@ -41,6 +41,8 @@ class StepStats:
     recomputed_bytes: int = 0
     fallback_count: int = 0  # offloads refused because the host pool was full
     fallback_bytes: int = 0
+    budget_waits: int = 0  # Rule 10: copies the forward waited for to hold the device budget
+    budget_wait_s: float = 0.0
     skipped_param_bytes: int = 0  # parameter/buffer storages seen and never moved
     small_count: int = 0  # storages kept because they are below min_offload_bytes
     small_bytes: int = 0
@@ -70,6 +72,12 @@ class StepStats:
                 seg = self.segments[segment] = SegmentBytes(name)
             setattr(seg, action, getattr(seg, action) + nbytes)
             setattr(self, f"{action}_bytes", getattr(self, f"{action}_bytes") + nbytes)
+
+    def add_budget_wait(self, copies: int, seconds: float) -> None:
+        """The forward waited `seconds` for `copies` lagging copies (Rule 10)."""
+        with self._lock:
+            self.budget_waits += copies
+            self.budget_wait_s += seconds
 
     def add_small(self, nbytes: int) -> None:
         """A storage kept because it is below min_offload_bytes."""

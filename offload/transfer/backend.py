@@ -8,7 +8,8 @@ Rule 2 (stream discipline) lives in the backends; the handles only follow the pr
   1. `d2h(src, dsts)` copies after all work queued so far on the compute stream; it returns the
      copy's event. The caller then hands `src` back with `release(src, after=event)`, which keeps
      the source from being reused before the copy finished and no longer: once the copy is done
-     the source's memory goes back as soon as the user's tensor dies.
+     (CUDA: and the next `poll()` saw it) the source's memory goes back as soon as the user's
+     tensor dies. Once `synchronize(event)` returns, the backend no longer holds that source.
   2. `h2d(srcs, nbytes, after=d2h_event)` allocates the destination on the compute stream, waits
      for the D2H event (a reload never reads a half-written block) and copies; it returns the
      destination and the reload's event.

@@ -5,8 +5,11 @@ Rule 2 (stream discipline), line by line:
     never read inside a side-stream context (backward runs on autograd's device threads, whose
     current stream is the one the forward op ran on);
   - D2H: the side stream waits for the compute stream's queued work, copies into pinned blocks,
-    records its event; `release(src, after)` calls `record_stream` so the caching allocator does
-    not hand the source out again before that copy has run;
+    records its event; `release(src, after)` holds the source until that event has completed, and
+    `poll()` (every saved tensor, every reload) lets go of the finished ones in copy order. Not
+    `record_stream`: the allocator would then hold the block until every copy queued on the side
+    stream by the time the source dies had run, not just its own; and the saved-bytes count
+    (Residency) would lose sight of a source whose tensor died before its copy ran;
   - H2D: the destination is allocated on the compute stream; the side stream waits for that point
     and for the tensor's D2H event, copies, records its event; the destination is recorded on the
     side stream too, so dropping a prefetched tensor that was never used cannot free it under the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Sequence
 
 import torch
@@ -60,6 +64,7 @@ class CudaBackend(TransferBackend):
         self._origin_host = time.perf_counter()
         self.order: list[tuple[str, str]] = []
         self._delay_cycles = {"d2h": d2h_delay_cycles, "h2d": h2d_delay_cycles}
+        self._held: deque[tuple[torch.Tensor, CudaEvent]] = deque()  # released sources, copy order
 
     def _side(self, direction: str) -> torch.cuda.Stream:
         if self._d2h is None:
@@ -125,10 +130,16 @@ class CudaBackend(TransferBackend):
 
     def synchronize(self, event: CopyEvent) -> None:
         event.end.synchronize()
+        self.poll()
 
     def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
-        if after is not None and buf.is_cuda:
-            buf.record_stream(after.stream)
+        if after is not None and buf.is_cuda and not after.end.query():
+            self._held.append((buf, after))
+
+    def poll(self) -> None:
+        held = self._held
+        while held and held[0][1].end.query():  # one D2H stream: its copies finish in order
+            held.popleft()
 
     def mark(self) -> torch.cuda.Event:
         self._side("d2h")  # makes sure the origin exists
@@ -147,6 +158,12 @@ class CudaBackend(TransferBackend):
 
     def settle(self) -> None:
         torch.cuda.synchronize(self.device)
+        self.poll()
+
+    def close(self) -> None:
+        if self._held:  # the last held source's copy ends the stream's work for them all
+            self._held[-1][1].end.synchronize()
+            self._held.clear()
 
     def new_step(self) -> None:
         self.order.clear()

@@ -10,8 +10,9 @@ handed out again while a copy still touches it, is *poisoned* (filled with 0xFF 
 floating types). A test then fails exactly where a GPU would have produced wrong gradients.
 
 A source released with `after=event` is held until that copy completes and let go by the copy's
-own completion callback, on the stream's thread: its memory returns as soon as nothing reads it,
-as `record_stream` returns it on CUDA. The torch profiler records the memory events of the
+own job, on the stream's thread, before the event counts as finished: its memory returns as soon as
+nothing reads it, and a caller that waited for the event (`synchronize`, the budget gate) finds
+it gone. The torch profiler records the memory events of the
 compute thread only, and `PeakMemory` measures the emulated device with it: while the profiler
 records the releasing thread, a released source is also held for the compute thread, which lets
 it go at its next `poll()`, where the profiler sees the free. A peak measured on the emulation is
@@ -43,7 +44,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 class EmulatedEvent(CopyEvent):
     """A copy on an emulated side stream: a future plus its timestamps."""
 
-    __slots__ = ("future", "record", "spans", "start_s", "end_s")
+    __slots__ = ("future", "record", "spans", "start_s", "end_s", "held", "finished")
 
     def __init__(self, record: CopyRecord, spans: list[tuple[int, int]]):
         self.future: Future | None = None
@@ -51,6 +52,8 @@ class EmulatedEvent(CopyEvent):
         self.spans = spans
         self.start_s: float | None = None
         self.end_s: float | None = None
+        self.held: list[torch.Tensor] = []  # sources released until this copy is done
+        self.finished = False  # set with `held` emptied, under the backend's lock
 
 
 class EmulatedBackend(TransferBackend):
@@ -123,6 +126,9 @@ class EmulatedBackend(TransferBackend):
             finally:
                 with self._lock:
                     self._inflight.discard(ev)
+                    ev.finished = True
+                    held, ev.held = ev.held, []
+                del held  # the released sources go here, before the future completes
 
         ev.future = stream.submit(job)
         return ev
@@ -173,14 +179,14 @@ class EmulatedBackend(TransferBackend):
 
     # -- giving memory back ---------------------------------------------------------------------
     def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
-        if after is None or after.future.done():
+        with self._lock:
+            running = after is not None and not after.finished
+            if running:
+                after.held.append(buf)  # until the copy is done; its job then lets go (Rule 2)
+                if torch._C._autograd._profiler_enabled():  # the final free must be where the profiler looks
+                    self._deferred.append((buf, after))
+        if not running:
             self._check_unused(buf, "released")
-            return
-        holder = [buf]  # until the copy completes; its callback then lets go (Rule 2)
-        after.future.add_done_callback(lambda _done: holder.clear())
-        if torch._C._autograd._profiler_enabled():  # the final free must be where the profiler looks
-            with self._lock:
-                self._deferred.append((buf, after))
 
     def claim(self, buf: torch.Tensor) -> None:
         self._check_unused(buf, "reused")
