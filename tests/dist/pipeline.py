@@ -29,7 +29,6 @@ WIDTH, SEQ, MB, M, LAYERS, STEPS = 128, 32, 2, 4, 3, 3  # activations of 32-128 
 MIN_OFFLOAD = 16 * 1024
 SCHEDULES = ("gpipe", "1f1b")
 POLICIES = ("keep", "offload", "recompute")
-NO_OFFLOAD = 2**40  # min_offload_bytes that no activation reaches
 AUTO_SHARE = 0.5  # auto's device budget: this share of keep's measured peak on the stage
 
 
@@ -141,11 +140,6 @@ def pp_cases(rank: int, world: int, schedules: tuple[str, ...] = SCHEDULES) -> d
                 kw = {}
                 if policy == "auto":
                     kw["device_budget"] = int(out[f"pp-{schedule}-keep"]["report"]["saved_peak_bytes"] * AUTO_SHARE)
-                    # keep and recompute only: an offload plan's peak holds while the copies keep the
-                    # pace of the link measured at the start, which emulated copies of four ranks on
-                    # two loaded cores do not (measured 0.8-1.4x the budget); the offload arm above
-                    # covers copies under a pipeline
-                    kw["min_offload_bytes"] = NO_OFFLOAD
                 got = train(schedule, rank, world, policy, **kw)
                 out[name] = {"bad": bad_grads(ref, got), **{k: v for k, v in got.items() if k not in ("grads", "losses")}}
             except Exception:
