@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 
-from offload import EmulatedBackend, HybridCheckpointer
+from offload import Action, EmulatedBackend, HybridCheckpointer, RegionSite
 from offload.core.gate import BudgetGate
 from offload.transfer.hostpool import MIN_SLAB, HostPool
 
@@ -40,7 +40,7 @@ def test_lagging_copies_hold_the_device_budget_and_change_no_gradient():
         assert peaks[s] <= BUDGET + ONE_TENSOR, f"step {s}: saved peak {peaks[s]} over budget {BUDGET}"
         assert waits[s] > 0, f"step {s}: the forward never waited, yet copies lag"
     assert report.offloaded_bytes > BUDGET  # the budget was only held because copies were waited for
-    assert "forward waited on lagging copies" in str(report)
+    assert "waited on lagging copies" in str(report)
     settle(hc)
     assert hc.host_pool.in_use == 0
 
@@ -158,3 +158,37 @@ def test_cuda_source_is_held_until_its_copy_ran_then_freed_at_poll():
     assert torch.cuda.memory_allocated(device) == before  # still held: the copy has not run
     backend.synchronize(ev)
     assert torch.cuda.memory_allocated(device) == before - nbytes  # let go once it ran
+
+
+def test_a_budget_the_kept_bytes_alone_exceed_is_not_waited_for_and_said_once(recwarn):
+    """Waiting frees only what running copies hold: once the bytes kept on the device exceed the
+    budget by themselves, the forward would run in lockstep with its copies for nothing. It does
+    not wait, and says why, once."""
+    def first_block_kept(site):  # block 0 kept (~0.8 MiB), the later blocks offloaded
+        if isinstance(site, RegionSite):
+            return Action.KEEP if site.index == 0 else Action.OFFLOAD
+        return None
+
+    model = tiny_gpt()
+    hc = HybridCheckpointer(model, policy=first_block_kept, backend=EmulatedBackend(bytes_per_s=SLOW_LINK),
+                            min_offload_bytes=MIN_OFFLOAD, device_budget=256 << 10)
+    for _ in range(2):
+        train(model, hc, steps=1)
+        report = hc.report()
+        assert report.offloaded_bytes > 0 and report.budget_waits == 0
+    said = [w for w in recwarn.list if "waiting for copies cannot hold it" in str(w.message)]
+    assert len(said) == 1
+
+
+def test_auto_waits_on_the_limit_its_plan_was_made_under():
+    """An infeasible budget: auto's plan runs anyway at its own peak, and that peak, not the
+    budget it cannot meet, is what lagging copies are waited for against."""
+    model = tiny_gpt()
+    budget = 1 << 20
+    hc = HybridCheckpointer(model, policy="auto", backend=EmulatedBackend(), min_offload_bytes=MIN_OFFLOAD,
+                            device_budget=budget, host_budget="64MiB", granularity="block")
+    with pytest.warns(Warning, match="infeasible"):
+        train(model, hc, steps=3)
+    plan = hc.plan
+    assert plan is not None and plan.predicted_peak_bytes > budget
+    assert hc._runtime.device_limit() == plan.predicted_peak_bytes

@@ -49,6 +49,7 @@ class BudgetGate:
     def hold(self, resident: Callable[[], int], limit: int, extra: int = 0) -> tuple[int, float]:
         """Wait for the oldest copies while `resident()` bytes plus `extra` (about to be
         allocated) exceed `limit`; return how many copies were waited for and the seconds."""
+        self.backend.poll()  # sources whose copies ran but were not yet let go
         start = time.perf_counter()
         waits = 0
         while resident() + extra > limit:

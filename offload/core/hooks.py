@@ -151,7 +151,7 @@ class ForwardPass:
         self.verifier: Verifier | None = None  # verify mode: references taken at pack
         self.meshes: dict = {}  # device meshes of the DTensors saved, in first-save order
         self.compiled_gap = False  # a tensor was saved outside regions inside a compiled model
-        self._limit: int | None | bool = False  # Rule 10's limit, once the first offload asks (False: not yet)
+        self._limit: int | None | bool = False  # Rule 10's limit, from this forward's first copy (False: none yet)
 
     @property
     def started(self) -> bool:
@@ -426,18 +426,26 @@ class ForwardPass:
         seg.copies.append(weakref.ref(copy))
         self._count(key, st, seg, "offloaded")
         self.rt.gate.issued(copy.d2h_event)
+        if self._limit is False:  # at this forward's first copy: auto's plan for it is chosen by then
+            self._limit = self.rt.device_limit()
         return OffloadHandle(copy, t, seg.name, self.token)
 
     def _hold_budget(self, extra: int = 0) -> None:
         """Rule 10: wait for lagging copies while the saved bytes on the device, plus `extra`
-        about to be allocated, exceed the limit."""
-        rt = self.rt
-        if self._limit is False:  # asked once copies run: auto's plan is chosen by then
-            self._limit = rt.device_limit()
-        if self._limit is not None:
-            waits, seconds = rt.gate.hold(lambda: rt.residency.total, self._limit, extra)
-            if waits:
-                self.stats.add_budget_wait(waits, seconds)
+        about to be allocated, exceed the limit; not when what copies hold could not bring
+        them under it (the forward would then run in lockstep with its copies for nothing)."""
+        rt, limit = self.rt, self._limit
+        if limit is None or limit is False:
+            return
+        res = rt.residency
+        if res.total + extra <= limit:
+            return
+        if res.total - res.bytes["in_flight"] + extra > limit:
+            rt.note_unholdable(res.total - res.bytes["in_flight"], limit)
+            return
+        waits, seconds = rt.gate.hold(lambda: res.total, limit, extra)
+        if waits:
+            self.stats.add_budget_wait(waits, seconds)
 
     # -- filters (Rule 6) --------------------------------------------------------------------------
     def _is_param(self, t: torch.Tensor, st: torch.UntypedStorage) -> bool:

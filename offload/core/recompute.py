@@ -119,7 +119,9 @@ class RecomputeFrame:
         self.mark = mark
         self.habits = habits
         self.reads = StateReads(module, habits)  # before the user's pre-hooks run (ours runs first)
-        flat, self.spec = tree_flatten((args, kwargs))
+        # the common call, positional tensors only, without pytree (spec None)
+        plain = not kwargs and all(type(a) is torch.Tensor for a in args)
+        flat, self.spec = (list(args), None) if plain else tree_flatten((args, kwargs))
         # Inputs the forward may modify in place are cloned (see the module docstring).
         self.copy_inputs = habits.inputs is True
         self._pack_input = pack_input
@@ -248,7 +250,7 @@ class RecomputeFrame:
                 with torch.enable_grad():
                     x = x.clone()
             flat.append(x)
-        return tree_unflatten(flat, self.spec)
+        return (tuple(flat), {}) if self.spec is None else tree_unflatten(flat, self.spec)
 
     @contextlib.contextmanager
     def _replay_context(self):
@@ -262,8 +264,10 @@ class RecomputeFrame:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(self.reads.replayed())
                 for dt, enabled, dtype in self.autocast:
-                    stack.enter_context(torch.autocast(dt, dtype=dtype, enabled=enabled,
-                                                       cache_enabled=self.autocast_cache))
+                    if (torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt),
+                            torch.is_autocast_cache_enabled()) != (enabled, dtype, self.autocast_cache):
+                        stack.enter_context(torch.autocast(dt, dtype=dtype, enabled=enabled,
+                                                           cache_enabled=self.autocast_cache))
                 if torch.get_default_device() != self.default_device:
                     stack.enter_context(self.default_device)
                 stack.enter_context(torch.enable_grad())

@@ -93,6 +93,7 @@ class Runtime:
         self.max_in_flight = 0  # the most forwards in flight at once seen in any step
         self.warned_cache = False
         self.warned_fallback = False
+        self.warned_unholdable = False
         self.backward_marker: Callable[[str | None], None] | None = None  # told each segment's backward start
 
     # -- steps ---------------------------------------------------------------------------------
@@ -207,11 +208,21 @@ class Runtime:
         return self.policy.lookahead()
 
     def device_limit(self) -> int | None:
-        """Rule 10: the saved bytes the forward waits on lagging copies to stay under: the
-        device budget the user gave, else the one policy="auto" planned under; None: no limit."""
-        if self.settings.device_budget is not None:
-            return self.settings.device_budget
-        return self.policy.device_limit()
+        """Rule 10: the saved bytes the forward waits on lagging copies to stay under: what
+        policy="auto" planned its current plan under, else the device budget the user gave;
+        None: no limit."""
+        planned = self.policy.device_limit()
+        return planned if planned is not None else self.settings.device_budget
+
+    def note_unholdable(self, floor: int, limit: int) -> None:
+        """Rule 10: what stays on the device anyway exceeds the limit; say so, once."""
+        if self.warned_unholdable:
+            return
+        self.warned_unholdable = True
+        warn(f"HybridCheckpointer: the saved activations the device holds besides running copies "
+             f"({floor} bytes) exceed the device budget ({limit} bytes) by themselves, so waiting for "
+             f"copies cannot hold it and the forward does not wait (this warning is not repeated). "
+             f"Raise device_budget, or offload or recompute more (policy='auto' plans under it).")
 
     def device_budget(self) -> int:
         """The device budget in force: the user's, or free device memory less headroom."""

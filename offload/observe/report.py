@@ -48,7 +48,7 @@ class Report:
     h2d_gbps: float | None
     overlap_fraction: float | None  # transfer time hidden under compute; None if nothing moved
     stall_s: float  # compute waiting on reloads
-    budget_waits: int  # lagging copies the forward waited for to hold the device budget (Rule 10)
+    budget_waits: int  # lagging copies waited for (forward, prefetch) to hold the device budget (Rule 10)
     budget_wait_s: float
     prefetch_hits: int
     prefetch_misses: int
@@ -210,8 +210,8 @@ class Report:
                                              f"{_gbps(self.h2d_gbps)}"),
                 ("overlap (copies hidden)", overlap),
                 ("compute stalled on reloads", _ms(self.stall_s)),
-                ("forward waited on lagging copies", f"{self.budget_waits} copies, {_ms(self.budget_wait_s)} "
-                                                     f"(to hold the device budget)"),
+                ("waited on lagging copies", f"{self.budget_waits} copies, {_ms(self.budget_wait_s)} "
+                                             f"(to hold the device budget)"),
                 ("reloads prefetched / on demand", f"{self.prefetch_hits} / {self.prefetch_misses}"),
             ]
         rows.append(("host pool high-water / budget",

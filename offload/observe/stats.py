@@ -41,7 +41,7 @@ class StepStats:
     recomputed_bytes: int = 0
     fallback_count: int = 0  # offloads refused because the host pool was full
     fallback_bytes: int = 0
-    budget_waits: int = 0  # Rule 10: copies the forward waited for to hold the device budget
+    budget_waits: int = 0  # Rule 10: lagging copies waited for (forward, prefetch) to hold the device budget
     budget_wait_s: float = 0.0
     skipped_param_bytes: int = 0  # parameter/buffer storages seen and never moved
     small_count: int = 0  # storages kept because they are below min_offload_bytes

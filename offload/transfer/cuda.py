@@ -18,6 +18,7 @@ Rule 2 (stream discipline), line by line:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Sequence
@@ -65,6 +66,7 @@ class CudaBackend(TransferBackend):
         self.order: list[tuple[str, str]] = []
         self._delay_cycles = {"d2h": d2h_delay_cycles, "h2d": h2d_delay_cycles}
         self._held: deque[tuple[torch.Tensor, CudaEvent]] = deque()  # released sources, copy order
+        self._lock = threading.Lock()  # polled from the forward's thread and autograd's
 
     def _side(self, direction: str) -> torch.cuda.Stream:
         if self._d2h is None:
@@ -97,6 +99,7 @@ class CudaBackend(TransferBackend):
 
     def h2d(self, srcs: Sequence[torch.Tensor], nbytes: int, after: CopyEvent,
             label: str = "") -> tuple[torch.Tensor, CopyEvent]:
+        self.poll()  # sources whose copies ran go back before this reload allocates
         stream = self._side("h2d")
         compute = torch.cuda.current_stream(self.device)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream
@@ -123,6 +126,7 @@ class CudaBackend(TransferBackend):
         compute.wait_event(event.end)  # this tensor's reload only, not the whole H2D stream
         if buf is not None and event.compute is not None and compute != event.compute:
             buf.record_stream(compute)  # used on a stream other than the one it was allocated on
+        self.poll()
         return reached
 
     def query(self, event: CopyEvent) -> bool:
@@ -134,12 +138,17 @@ class CudaBackend(TransferBackend):
 
     def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
         if after is not None and buf.is_cuda and not after.end.query():
-            self._held.append((buf, after))
+            with self._lock:
+                self._held.append((buf, after))
 
     def poll(self) -> None:
-        held = self._held
-        while held and held[0][1].end.query():  # one D2H stream: its copies finish in order
-            held.popleft()
+        if not self._held:  # unlocked peek: a release appended meanwhile is seen next time
+            return
+        with self._lock:  # check and pop as one step: two pollers must not pop a running copy's source
+            held, done = self._held, []
+            while held and held[0][1].end.query():  # one D2H stream: its copies finish in order
+                done.append(held.popleft())
+        del done  # the sources go here, outside the lock
 
     def mark(self) -> torch.cuda.Event:
         self._side("d2h")  # makes sure the origin exists
@@ -161,9 +170,10 @@ class CudaBackend(TransferBackend):
         self.poll()
 
     def close(self) -> None:
-        if self._held:  # the last held source's copy ends the stream's work for them all
-            self._held[-1][1].end.synchronize()
-            self._held.clear()
+        with self._lock:
+            held, self._held = self._held, deque()
+        if held:  # the last held source's copy ends the stream's work for them all
+            held[-1][1].end.synchronize()
 
     def new_step(self) -> None:
         self.order.clear()

@@ -9,14 +9,11 @@ a GPU is made visible on purpose: a source released before its copy finished, or
 handed out again while a copy still touches it, is *poisoned* (filled with 0xFF bytes, NaN for
 floating types). A test then fails exactly where a GPU would have produced wrong gradients.
 
-A source released with `after=event` is held until that copy completes and let go by the copy's
-own job, on the stream's thread, before the event counts as finished: its memory returns as soon as
-nothing reads it, and a caller that waited for the event (`synchronize`, the budget gate) finds
-it gone. The torch profiler records the memory events of the
-compute thread only, and `PeakMemory` measures the emulated device with it: while the profiler
-records the releasing thread, a released source is also held for the compute thread, which lets
-it go at its next `poll()`, where the profiler sees the free. A peak measured on the emulation is
-therefore never below the true one.
+A source released with `after=event` is held as CUDA's backend holds it: until that copy has
+finished and the next `poll()` (every saved tensor, every copy issued or waited for) sees it, in
+copy order. So its memory returns as soon as nothing reads it and the runtime looks, the same
+moment on both backends; the free happens on the polling thread, the compute thread, where the
+torch profiler (`PeakMemory` measures the emulated device with it) records it.
 """
 from __future__ import annotations
 
@@ -24,6 +21,7 @@ import logging
 import mmap
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -44,7 +42,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 class EmulatedEvent(CopyEvent):
     """A copy on an emulated side stream: a future plus its timestamps."""
 
-    __slots__ = ("future", "record", "spans", "start_s", "end_s", "held", "finished")
+    __slots__ = ("future", "record", "spans", "start_s", "end_s", "finished")
 
     def __init__(self, record: CopyRecord, spans: list[tuple[int, int]]):
         self.future: Future | None = None
@@ -52,8 +50,7 @@ class EmulatedEvent(CopyEvent):
         self.spans = spans
         self.start_s: float | None = None
         self.end_s: float | None = None
-        self.held: list[torch.Tensor] = []  # sources released until this copy is done
-        self.finished = False  # set with `held` emptied, under the backend's lock
+        self.finished = False  # set by the copy's job, under the backend's lock
 
 
 class EmulatedBackend(TransferBackend):
@@ -72,7 +69,7 @@ class EmulatedBackend(TransferBackend):
         self._bytes_per_s = bytes_per_s
         self._lock = threading.Lock()
         self._inflight: set[EmulatedEvent] = set()
-        self._deferred: list[tuple[torch.Tensor, CopyEvent]] = []  # released while profiled
+        self._held: deque[tuple[torch.Tensor, EmulatedEvent]] = deque()  # released sources, copy order
         self._streams: dict[str, ThreadPoolExecutor] = {}
         self._mmaps: list[mmap.mmap] = []
         self.poisoned = 0  # buffers poisoned because they were released or reused too early
@@ -127,8 +124,6 @@ class EmulatedBackend(TransferBackend):
                 with self._lock:
                     self._inflight.discard(ev)
                     ev.finished = True
-                    held, ev.held = ev.held, []
-                del held  # the released sources go here, before the future completes
 
         ev.future = stream.submit(job)
         return ev
@@ -158,6 +153,7 @@ class EmulatedBackend(TransferBackend):
 
     def synchronize(self, event: CopyEvent) -> None:
         event.future.result()
+        self.poll()
 
     def mark(self) -> float:
         return time.perf_counter()
@@ -181,10 +177,8 @@ class EmulatedBackend(TransferBackend):
     def release(self, buf: torch.Tensor, after: CopyEvent | None) -> None:
         with self._lock:
             running = after is not None and not after.finished
-            if running:
-                after.held.append(buf)  # until the copy is done; its job then lets go (Rule 2)
-                if torch._C._autograd._profiler_enabled():  # the final free must be where the profiler looks
-                    self._deferred.append((buf, after))
+            if running:  # held until the copy is done and a poll sees it (Rule 2)
+                self._held.append((buf, after))
         if not running:
             self._check_unused(buf, "released")
 
@@ -192,14 +186,13 @@ class EmulatedBackend(TransferBackend):
         self._check_unused(buf, "reused")
 
     def poll(self) -> None:
-        if not self._deferred:  # unlocked peek: a release appended meanwhile is drained next time
+        if not self._held:  # unlocked peek: a release appended meanwhile is seen next time
             return
         with self._lock:
-            ready = [(b, e) for b, e in self._deferred if e.future.done()]
-            self._deferred = [(b, e) for b, e in self._deferred if not e.future.done()]
-        for buf, _ in ready:
-            self._check_unused(buf, "released")
-        # `ready` dies here, on the compute thread: the profiler sees the free.
+            held, done = self._held, []
+            while held and held[0][1].finished:  # one D2H stream: its copies finish in order
+                done.append(held.popleft())
+        del done  # the sources go here, on the polling thread
 
     def _check_unused(self, buf: torch.Tensor, what: str) -> None:
         lo, hi = _span(buf)
@@ -217,7 +210,7 @@ class EmulatedBackend(TransferBackend):
             return len(self._inflight)
 
     def drain(self) -> None:
-        """Wait for every queued copy and its completion callbacks (tests and shutdown)."""
+        """Wait for every queued copy, then let go of the sources it held (tests and shutdown)."""
         for ex in list(self._streams.values()):
             ex.submit(lambda: None).result()
         self.poll()
