@@ -9,16 +9,18 @@ from offload import Action, EmulatedBackend, HybridCheckpointer, RegionSite
 from offload.core.gate import BudgetGate
 from offload.transfer.hostpool import MIN_SLAB, HostPool
 
-from .conftest import MIN_OFFLOAD, assert_bitwise, cuda_or_skip, settle, tiny_gpt, train
+from .conftest import MIN_OFFLOAD, assert_bitwise, cuda_or_skip, make_backend, settle, tiny_gpt, train
 
 SLOW_LINK = 20e6  # bytes/s: the tiny GPT offloads ~9 MiB a step, ~0.5 s of copying
+LAG_S = 0.01  # on CUDA, a spin this long before each copy (~46 a step) makes the link lag alike
 BUDGET = 7 << 20  # above the offload policy's own peak (~6 MiB), below what lagging copies pile up (~14.5)
 ONE_TENSOR = 512 << 10  # a save is counted once allocated: the peak may pass the budget by one
 
 
-def run_offload(budget, steps=3, bytes_per_s=SLOW_LINK):
-    model = tiny_gpt()
-    hc = HybridCheckpointer(model, policy="offload", backend=EmulatedBackend(bytes_per_s=bytes_per_s),
+def run_offload(budget, steps=3, bytes_per_s=SLOW_LINK, device=torch.device("cpu")):
+    model = tiny_gpt(device)
+    backend = make_backend(device, LAG_S) if device.type == "cuda" else EmulatedBackend(bytes_per_s=bytes_per_s)
+    hc = HybridCheckpointer(model, policy="offload", backend=backend,
                             min_offload_bytes=MIN_OFFLOAD, device_budget=budget)
     peaks, waits = [], []
     losses, grads = [], []
@@ -32,9 +34,9 @@ def run_offload(budget, steps=3, bytes_per_s=SLOW_LINK):
     return hc, (losses, grads), peaks, waits, report
 
 
-def test_lagging_copies_hold_the_device_budget_and_change_no_gradient():
-    plain = train(tiny_gpt(), None, steps=1)
-    hc, got, peaks, waits, report = run_offload(BUDGET)
+def test_lagging_copies_hold_the_device_budget_and_change_no_gradient(device):
+    plain = train(tiny_gpt(device), None, steps=1)
+    hc, got, peaks, waits, report = run_offload(BUDGET, device=device)
     for s in range(3):
         assert_bitwise(plain, ([got[0][s]], [got[1][s]]))  # every step's batch is seed 0
         assert peaks[s] <= BUDGET + ONE_TENSOR, f"step {s}: saved peak {peaks[s]} over budget {BUDGET}"
@@ -45,9 +47,9 @@ def test_lagging_copies_hold_the_device_budget_and_change_no_gradient():
     assert hc.host_pool.in_use == 0
 
 
-def test_without_a_budget_lagging_copies_pile_up():
+def test_without_a_budget_lagging_copies_pile_up(device):
     """The control: no device budget, no waits, and the saved bytes pass what the budget held."""
-    _, _, peaks, waits, _ = run_offload(None, steps=1)
+    _, _, peaks, waits, _ = run_offload(None, steps=1, device=device)
     assert waits == [0]
     assert peaks[0] > BUDGET + 2 * ONE_TENSOR
 
