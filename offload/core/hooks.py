@@ -34,7 +34,7 @@ from scheduler.profile import TensorRecord
 
 from ..observe.timeline import Timeline
 from .dtensor import data_of, spec_of
-from .errors import OffloadError, warn
+from .errors import OffloadError
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
 from .recompute import RecomputeFrame, is_kv_cache
@@ -213,12 +213,11 @@ class ForwardPass:
         self.segments[-1].forward_end = seg.forward_start
         self.segments.append(seg)
         leaves = flat_leaves(args, kwargs)
-        if not self.rt.warned_cache and any(is_kv_cache(x) for x in leaves):
-            self.rt.warned_cache = True
-            warn(f"HybridCheckpointer: {region.name} was called with a KV cache during training (Hugging "
-                 f"Face use_cache=True): the cache keeps every layer's keys and values alive until the step "
-                 f"ends. Pass use_cache=False to the model's forward when training; recompute replays the "
-                 f"layer without the cache.")
+        if "cache" not in self.rt.warned and any(is_kv_cache(x) for x in leaves):
+            self.rt.warn_once("cache", f"HybridCheckpointer: {region.name} was called with a KV cache during "
+                              f"training (Hugging Face use_cache=True): the cache keeps every layer's keys and "
+                              f"values alive until the step ends. Pass use_cache=False to the model's forward "
+                              f"when training; recompute replays the layer without the cache.")
         inputs = {s._cdata: s.nbytes() for x in leaves
                   if isinstance(x, torch.Tensor) and (s := storage_of(x)) is not None}
         self.input_bytes[idx] = sum(n for k, n in inputs.items() if k not in self.param_storages)

@@ -91,9 +91,7 @@ class Runtime:
         self.step_forwards = 0  # forwards that joined this step
         self.last_backpropagated = -1  # the latest (by index) of this step's forwards backward reached
         self.max_in_flight = 0  # the most forwards in flight at once seen in any step
-        self.warned_cache = False
-        self.warned_fallback = False
-        self.warned_unholdable = False
+        self.warned: set[str] = set()  # what `warn_once` has warned about
         self.backward_marker: Callable[[str | None], None] | None = None  # told each segment's backward start
 
     # -- steps ---------------------------------------------------------------------------------
@@ -190,12 +188,15 @@ class Runtime:
         except RuntimeError:  # not inside a backward pass (e.g. a read of grad_fn._saved_*)
             timeline.backward.remove(entry)
 
+    def warn_once(self, what: str, message: str) -> None:
+        """Warn about `what` the first time only (a condition that holds for every later tensor)."""
+        if what not in self.warned:
+            self.warned.add(what)
+            warn(message)
+
     def note_fallback(self, nbytes: int, segment: str) -> None:
         """Rule 3: an offload the full host pool refused stays on the device; say so, once."""
-        if self.warned_fallback:
-            return
-        self.warned_fallback = True
-        warn(f"HybridCheckpointer: the host pool is full ({self.pool.in_use} bytes in use under "
+        self.warn_once("fallback", f"HybridCheckpointer: the host pool is full ({self.pool.in_use} bytes in use under "
              f"host_budget={self.settings.host_budget}); a {nbytes}-byte tensor of {segment}, and every "
              f"offload refused after it, stays on the device instead (the report counts them as "
              f"fallbacks; this warning is not repeated). Raise host_budget, or offload less.")
@@ -216,10 +217,7 @@ class Runtime:
 
     def note_unholdable(self, floor: int, limit: int) -> None:
         """Rule 10: what stays on the device anyway exceeds the limit; say so, once."""
-        if self.warned_unholdable:
-            return
-        self.warned_unholdable = True
-        warn(f"HybridCheckpointer: the saved activations the device holds besides running copies "
+        self.warn_once("unholdable", f"HybridCheckpointer: the saved activations the device holds besides running copies "
              f"({floor} bytes) exceed the device budget ({limit} bytes) by themselves, so waiting for "
              f"copies cannot hold it and the forward does not wait (this warning is not repeated). "
              f"Raise device_budget, or offload or recompute more (policy='auto' plans under it).")
