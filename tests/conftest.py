@@ -114,6 +114,19 @@ def clone():
     return copy.deepcopy
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _freeze_what_collection_imported():
+    """Collection imports torch, transformers, lightning, ...: some 400k objects that live to the
+    end of the session, which every full gc.collect() (after each test below, in settle(), in
+    the bench) walks again, about half a second each on 2 cores. gc.freeze() moves what is alive
+    now to the permanent generation, which collections skip; everything a test creates is still
+    collected as before."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_after_each_test():
     """Checkpointers a test leaves alive are collected before the next test starts, so what they
