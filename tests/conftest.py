@@ -143,3 +143,13 @@ def assert_same_training(ref, got, steps: int) -> None:
         assert torch.equal(a, b), f"step {s}: loss {a.item()} != {b.item()}"
     for name, w in ref[1].items():
         assert torch.equal(w, got[1][name]), f"trained weight {name} differs"
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Every 2-rank case of tests/dist/worker.py (DDP, FSDP2, tensor parallelism, the 2-stage
+    pipelines) in one torchrun launch, shared by tests/test_distributed.py and
+    tests/test_pipeline.py: each launch costs torchrun and both ranks importing torch first.
+    A case that raises is recorded by the worker and fails only the tests that read it."""
+    from .test_distributed import launch
+    return launch(tmp_path_factory.mktemp("dist2"), "ddp,fsdp2,tp,pp")
