@@ -114,6 +114,19 @@ def clone():
     return copy.deepcopy
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _freeze_what_collection_imported():
+    """Collection imports torch, transformers, lightning, ...: some 400k objects that live to the
+    end of the session, which every full gc.collect() (after each test below, in settle(), in
+    the bench) walks again, about half a second each on 2 cores. gc.freeze() moves what is alive
+    now to the permanent generation, which collections skip; everything a test creates is still
+    collected as before."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_after_each_test():
     """Checkpointers a test leaves alive are collected before the next test starts, so what they
@@ -130,3 +143,13 @@ def assert_same_training(ref, got, steps: int) -> None:
         assert torch.equal(a, b), f"step {s}: loss {a.item()} != {b.item()}"
     for name, w in ref[1].items():
         assert torch.equal(w, got[1][name]), f"trained weight {name} differs"
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Every 2-rank case of tests/dist/worker.py (DDP, FSDP2, tensor parallelism, the 2-stage
+    pipelines) in one torchrun launch, shared by tests/test_distributed.py and
+    tests/test_pipeline.py: each launch costs torchrun and both ranks importing torch first.
+    A case that raises is recorded by the worker and fails only the tests that read it."""
+    from .test_distributed import launch
+    return launch(tmp_path_factory.mktemp("dist2"), "ddp,fsdp2,tp,pp")

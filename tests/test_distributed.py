@@ -5,7 +5,7 @@ per rank) under DDP and under FSDP2 (`fully_shard` per block and on the root, CP
 once plain and once under `with hc:`, and the gradients after the all-reduce / reduce-scatter must
 be bitwise equal. The default host budget is split among the ranks of one host (LOCAL_WORLD_SIZE).
 
-Tensor parallelism (a second launch): a stack of attention-free blocks with column- and
+Tensor parallelism (the same launch): a stack of attention-free blocks with column- and
 row-parallel linears (`parallelize_module`), with and without sequence-parallel norms, saves
 DTensor activations; under keep / offload / recompute / auto the local gradient shards must be
 bitwise equal to the same stack trained plain, and the DTensors are moved by their local shard.
@@ -60,9 +60,9 @@ def launch(out: Path, cases: str, world: int = WORLD) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """The DDP and FSDP2 cases, run once."""
-    return launch(tmp_path_factory.mktemp("dist"), "ddp,fsdp2")
+def ranks(two_ranks) -> list[dict]:
+    """The DDP and FSDP2 cases (of the one 2-rank launch, tests/conftest.py two_ranks)."""
+    return two_ranks
 
 
 def case(ranks: list[dict], name: str) -> list[dict]:
@@ -175,9 +175,9 @@ TP_MODES = ["tp", "tp-sp"]
 
 
 @pytest.fixture(scope="module")
-def tp_ranks(tmp_path_factory) -> list[dict]:
-    """The tensor-parallel cases (tests/dist/worker.py tp_cases), run once."""
-    return launch(tmp_path_factory.mktemp("tp"), "tp")
+def tp_ranks(two_ranks) -> list[dict]:
+    """The tensor-parallel cases (tests/dist/worker.py tp_cases), of the one 2-rank launch."""
+    return two_ranks
 
 
 def test_tp_stacks_save_dtensor_activations(tp_ranks):

@@ -107,9 +107,10 @@ def test_auto_plans_for_every_micro_batch_in_flight():
 
 # -- torch.distributed.pipelining, gloo ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def two(tmp_path_factory) -> list[dict]:
+def two(two_ranks) -> list[dict]:
+    """The pipeline cases on 2 ranks, of the one 2-rank launch (tests/conftest.py two_ranks)."""
     pytest.importorskip("torch.distributed.pipelining")
-    return launch(tmp_path_factory.mktemp("pp2"), "pp", world=2)
+    return two_ranks
 
 
 @pytest.fixture(scope="module")
