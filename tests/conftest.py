@@ -106,6 +106,7 @@ def settle(hc: HybridCheckpointer) -> None:
         drain()
     elif hc.device.type == "cuda":
         torch.cuda.synchronize(hc.device)
+        hc.backend.poll()  # let go of the sources of finished copies
     gc.collect()
 
 

@@ -67,9 +67,10 @@ def test_compute_delay_catches_a_d2h_that_skips_the_compute_wait():
         assert_bitwise(ref, got)
 
 
-def test_source_reuse_is_guarded_by_record_stream():
+def test_source_reuse_is_guarded_until_its_copy_ran():
     """Drop every reference to the source right after queueing a slow D2H, then allocate and
-    overwrite: without record_stream the allocator would hand the same block out at once."""
+    overwrite: unless the backend held the source until its copy ran, the allocator would hand
+    the same block out at once."""
     dev = cuda_or_skip()
     backend = CudaBackend(dev, d2h_delay_cycles=50_000_000)
     host = backend.alloc_host(1 << 24)
@@ -100,7 +101,7 @@ def test_offload_moves_memory_from_device_to_host():
                 logits, loss = model(idx, tgt)
             torch.cuda.synchronize(dev)
             hc.backend.poll()  # finished copies release their sources
-            torch.empty(1, device=dev)  # lets the allocator retire blocks freed under record_stream
+            torch.empty(1, device=dev)  # lets the allocator reuse what was just freed
             held[policy] = torch.cuda.memory_allocated(dev) - base
             loss.backward()
         peaks[policy] = pm.peak_bytes

@@ -409,8 +409,8 @@ def test_forwards_whose_graphs_live_are_one_step():
 # -- 15. sources are let go once their copy is done ------------------------------------------------
 
 def test_offloaded_sources_are_freed_once_copied_without_another_hook(device):
-    """No pack, unpack or poll after forward: the copy's completion alone frees the source
-    (on CUDA, record_stream guards the copy and nothing of ours holds the storage)."""
+    """No pack, unpack or reload after forward: waiting for the copies frees their sources (the
+    backend holds each until its copy ran, and lets go when the runtime next looks)."""
     hc = offloader(make_backend(device, 0.05))
     x = torch.randn(N, device=device, requires_grad=True)
     with hc:
@@ -430,7 +430,7 @@ def test_offloaded_sources_are_freed_once_copied_without_another_hook(device):
 
 
 def _expired_soon(ref, timeout_s=2.0):
-    """A completion callback runs just after the copy's event is set: give it a moment."""
+    """Give a free on another thread a moment (the backends free on the waiting thread)."""
     done = threading.Event()
     for _ in range(int(timeout_s / 0.01)):
         if ref.expired():
@@ -473,6 +473,7 @@ def test_dropping_a_tensor_with_its_reload_in_flight_then_reusing_the_pool():
     with hc:
         y = (x * 2).sin()
     (copy,) = list(hc._runtime.copies.values())
+    backend.synchronize(copy.d2h_event)  # its D2H ended (on loaded cores it may not have yet)
     copy.reload(prefetch=True)  # what the prefetcher does; this reload runs for 1 s
     del copy, y  # the graph dies with its reload in flight
     assert hc.host_pool.in_use == 0 and backend.pending() == 1

@@ -431,16 +431,23 @@ class ForwardPass:
 
     def _hold_budget(self, extra: int = 0) -> None:
         """Rule 10: wait for lagging copies while the saved bytes on the device, plus `extra`
-        about to be allocated, exceed the limit; not when what copies hold could not bring
-        them under it (the forward would then run in lockstep with its copies for nothing)."""
+        about to be allocated (a prefetch), exceed the limit; not when what copies hold could
+        not bring them under it (the forward would then run in lockstep with its copies for
+        nothing; backward's reloads may pass a fixed policy's budget by design: not warned)."""
         rt, limit = self.rt, self._limit
-        if limit is None or limit is False:
+        if limit is False:  # set at this forward's first copy; before, asked while copies run
+            limit = rt.device_limit()
+            if limit is not None:  # auto's is known once its plan for this forward is chosen
+                self._limit = limit
+        if limit is None:
             return
         res = rt.residency
         if res.total + extra <= limit:
             return
-        if res.total - res.bytes["in_flight"] + extra > limit:
-            rt.note_unholdable(res.total - res.bytes["in_flight"], limit)
+        floor = res.total - res.bytes["in_flight"]
+        if floor + extra > limit:
+            if not extra:
+                rt.note_unholdable(floor, limit)
             return
         waits, seconds = rt.gate.hold(lambda: res.total, limit, extra)
         if waits:

@@ -136,6 +136,7 @@ class Runtime:
                 listener(done)
         self.stats = self._new_stats(done.step + 1)
         self.pool.reset_high_water()
+        self.backend.poll()  # sources of copies finished since the last look go before the step
         self.backend.new_step()
         self.backward_seen = False
         self.step_graphs.clear()
@@ -216,11 +217,12 @@ class Runtime:
         return planned if planned is not None else self.settings.device_budget
 
     def note_unholdable(self, floor: int, limit: int) -> None:
-        """Rule 10: what stays on the device anyway exceeds the limit; say so, once."""
-        self.warn_once("unholdable", f"HybridCheckpointer: the saved activations the device holds besides running copies "
-             f"({floor} bytes) exceed the device budget ({limit} bytes) by themselves, so waiting for "
-             f"copies cannot hold it and the forward does not wait (this warning is not repeated). "
-             f"Raise device_budget, or offload or recompute more (policy='auto' plans under it).")
+        """Rule 10: what the forward keeps on the device exceeds the limit; say so, once."""
+        self.warn_once("unholdable", f"HybridCheckpointer: the saved activations the forward keeps on the device "
+                       f"besides running copies ({floor} bytes) exceed the limit the runtime holds ({limit} bytes: "
+                       f"the device budget, or what policy='auto' planned under) by themselves, so waiting for "
+                       f"copies cannot hold it; from there the forward stops waiting (this warning is not "
+                       f"repeated). Raise device_budget, or offload or recompute more.")
 
     def device_budget(self) -> int:
         """The device budget in force: the user's, or free device memory less headroom."""

@@ -172,8 +172,8 @@ class CudaBackend(TransferBackend):
     def close(self) -> None:
         with self._lock:
             held, self._held = self._held, deque()
-        if held:  # the last held source's copy ends the stream's work for them all
-            held[-1][1].end.synchronize()
+        if held:  # every copy that reads them is on the D2H stream
+            self._d2h.synchronize()
 
     def new_step(self) -> None:
         self.order.clear()
