@@ -193,3 +193,18 @@ def test_oplevel_plans_one_profile_at_op_and_block_level():
     assert not any(sp.selective for sp in block.segments)
     text = "\n".join(lines("quick", keep_peak, comparisons))
     assert "op level" in text and "budget 60% of keep" in text
+
+
+def test_lag_bench_holds_the_budget_with_bitwise_gradients(capsys):
+    from bench.lag import main
+    assert main(["--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bitwise equal to plain") == 3
+    waits = [int(line.split()[-7]) for line in out.splitlines() if line.startswith("link at")]
+    assert waits[0] == waits[1] == 0 and waits[2] > 0  # only the budgeted lagging run waits
+
+
+def test_lag_bench_rejects_a_bad_share():
+    from bench.lag import main
+    with pytest.raises(SystemExit):
+        main(["--budget", "1.5"])
