@@ -10,9 +10,9 @@ one: time is traded for memory, and the report counts the waits. Backward does t
 each reload it issues, whose bytes come on top of what lagging copies still hold.
 
 Waiting frees only what finished copies free: a tensor the model still holds, or bytes kept on
-the device, stay. The gate stops when no copy is running, so it never waits on nothing, and
-a forward that keeps more than the limit anyway (an infeasible budget) pays at most one wait for
-its copies to drain per offload.
+the device, stay. The gate stops when no copy is running, so it never waits on nothing; and when
+what the forward keeps exceeds the limit by itself, its caller (`ForwardPass._hold_budget`) does
+not wait at all, and says so once.
 """
 from __future__ import annotations
 
@@ -39,12 +39,9 @@ class BudgetGate:
         return bool(self._running)
 
     def issued(self, event: CopyEvent) -> None:
-        query = self.backend.query
         with self._lock:
-            running = self._running
-            while running and query(running[0]):  # bounded by the copies still running
-                running.popleft()
-            running.append(event)
+            self._forget_finished()  # bounded by the copies still running
+            self._running.append(event)
 
     def hold(self, resident: Callable[[], int], limit: int, extra: int = 0) -> tuple[int, float]:
         """Wait for the oldest copies while `resident()` bytes plus `extra` (about to be
@@ -62,9 +59,11 @@ class BudgetGate:
         return waits, (time.perf_counter() - start if waits else 0.0)
 
     def _oldest_running(self) -> CopyEvent | None:
-        query = self.backend.query
         with self._lock:
-            running = self._running
-            while running and query(running[0]):
-                running.popleft()
-            return running.popleft() if running else None
+            self._forget_finished()
+            return self._running.popleft() if self._running else None
+
+    def _forget_finished(self) -> None:
+        running, query = self._running, self.backend.query
+        while running and query(running[0]):  # one D2H stream: its copies finish in order
+            running.popleft()
