@@ -53,8 +53,7 @@ class BudgetGate:
             oldest = self._oldest_running()
             if oldest is None:
                 break
-            self.backend.synchronize(oldest)  # the backend lets go of its source
-            self.backend.poll()
+            self.backend.synchronize(oldest)  # returns with its source let go (backend contract)
             waits += 1
         return waits, (time.perf_counter() - start if waits else 0.0)
 

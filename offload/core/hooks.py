@@ -37,7 +37,7 @@ from .dtensor import data_of, spec_of
 from .errors import OffloadError
 from .handles import HostCopy, KeepHandle, OffloadHandle
 from .policy import RegionSite, TensorSite
-from .recompute import RecomputeFrame, is_kv_cache
+from .recompute import RecomputeFrame, is_kv_cache, plain_call
 from .regions import compiled_model_error, in_compiled_module
 from .runtime import GraphToken
 from .selective import OpStore, SaveOps
@@ -111,7 +111,7 @@ def param_storage_ids(module: nn.Module) -> set[int]:
 
 def flat_leaves(args: tuple, kwargs: dict) -> list:
     """The leaves of a call's arguments; the common call (positional tensors only) without pytree."""
-    if not kwargs and all(type(a) is torch.Tensor for a in args):
+    if plain_call(args, kwargs):
         return list(args)
     return torch.utils._pytree.tree_leaves((args, kwargs))
 

@@ -89,6 +89,11 @@ class ReplayGuard(threading.local):
             self.frames.pop()
 
 
+def plain_call(args: tuple, kwargs: dict) -> bool:
+    """The common call, positional tensors only: its leaves are `args` themselves, no pytree."""
+    return not kwargs and all(type(a) is torch.Tensor for a in args)
+
+
 def is_kv_cache(x) -> bool:
     """A Hugging Face `Cache` (DynamicCache and friends), recognised without importing transformers."""
     return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
@@ -119,9 +124,7 @@ class RecomputeFrame:
         self.mark = mark
         self.habits = habits
         self.reads = StateReads(module, habits)  # before the user's pre-hooks run (ours runs first)
-        # the common call, positional tensors only, without pytree (spec None)
-        plain = not kwargs and all(type(a) is torch.Tensor for a in args)
-        flat, self.spec = (list(args), None) if plain else tree_flatten((args, kwargs))
+        flat, self.spec = (list(args), None) if plain_call(args, kwargs) else tree_flatten((args, kwargs))
         # Inputs the forward may modify in place are cloned (see the module docstring).
         self.copy_inputs = habits.inputs is True
         self._pack_input = pack_input
