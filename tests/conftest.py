@@ -98,6 +98,20 @@ def assert_bitwise(ref, got) -> None:
             assert torch.equal(ga[name], gb[name]), f"step {s}: gradient of {name} differs"
 
 
+@contextlib.contextmanager
+def collector_off(off: bool = True):
+    """The cyclic garbage collector paused (when `off`) and restored as it was: what a test then
+    sees freed was freed by reference counts alone, as a leak-free runtime frees it."""
+    was_enabled = gc.isenabled()
+    if off:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def settle(hc: HybridCheckpointer) -> None:
     """Let every copy finish and every dead handle go, so pool figures are final."""
     gc.collect()

@@ -20,11 +20,10 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 from offload import Action, HybridCheckpointer, OffloadError, RegionSite
 from offload.core import recompute
-from offload.core.policy import FixedPolicy
 from offload.core.regions import RegionHooks
-from scheduler.plan import SegmentPlan
 
-from .conftest import MIN_OFFLOAD, make_backend, settle, under
+from .conftest import MIN_OFFLOAD, collector_off, make_backend, settle, under
+from .test_recompute import RecomputeWithOffloadedInputs
 
 POLICIES = ["keep", "offload", "recompute"]
 
@@ -49,6 +48,16 @@ def assert_equal_lists(ref, got) -> None:
     assert len(ref) == len(got)
     for i, (a, b) in enumerate(zip(ref, got)):
         assert torch.equal(a, b), f"tensor {i} differs"
+
+
+def assert_steps_match(hc, model, x, ref, steps: int = 3) -> None:
+    """`steps` forwards under `hc`: each step's gradients (parameters, then `x`) of the squared
+    sum of the output equal `ref`."""
+    params = list(model.parameters())
+    for _ in range(steps):
+        with hc:
+            loss = model(x).square().sum()
+        assert_equal_lists(ref, grads_of(params + [x], loss))
 
 
 # -- Rule 8: a plain call of a region on another thread ------------------------------------------
@@ -226,22 +235,11 @@ def test_region_whose_forward_calls_autograd_grad(policy, selective):
     ckpt = grads_of(params + [x], checkpoint(model, x, use_reentrant=False).square().sum())
     assert_equal_lists(ref, ckpt)  # PyTorch supports it too
     hc = runtime(model, policy, op_policy=save_matmuls if selective else None)
-    for _ in range(3):
-        with hc:
-            loss = model(x).square().sum()
-        assert_equal_lists(ref, grads_of(params + [x], loss))
+    assert_steps_match(hc, model, x, ref)
     if policy == "recompute":
         # Each forward's inner grad reads its block's tensors while the block's forward runs: the
         # forward's own, as plain PyTorch reads them, with no replay. Backward replays each block once.
         assert hc.stats.replays == 3
-
-
-class RecomputeFromOffloadedInputs(FixedPolicy):
-    def __init__(self):
-        super().__init__(Action.RECOMPUTE)
-
-    def region(self, site, segment):
-        return SegmentPlan(Action.RECOMPUTE, offload_inputs=True)
 
 
 def test_region_calling_autograd_grad_replays_from_offloaded_inputs():
@@ -253,11 +251,8 @@ def test_region_calling_autograd_grad_replays_from_offloaded_inputs():
     x = torch.randn(32, 64, requires_grad=True)
     ref = grads_of(params + [x], model(x).square().sum())
     hc = runtime(model, "recompute", backend=make_backend(torch.device("cpu"), 0.01), lookahead=0)
-    hc._runtime.policy = RecomputeFromOffloadedInputs()
-    for _ in range(3):
-        with hc:
-            loss = model(x).square().sum()
-        assert_equal_lists(ref, grads_of(params + [x], loss))
+    hc._runtime.policy = RecomputeWithOffloadedInputs()
+    assert_steps_match(hc, model, x, ref)
     assert hc.stats.offloaded_bytes > 0 and hc.stats.replays == 3
     settle(hc)
     assert hc.host_pool.in_use == 0 and hc.backend.poisoned == 0
@@ -349,12 +344,10 @@ def test_backward_inside_a_region_reaches_past_offloaded_inputs(selective):
                             keep_last=0, host_budget="16MiB", lookahead=0,
                             backend=make_backend(torch.device("cpu"), 0.005),
                             op_policy=save_matmuls if selective else None)
-    hc._runtime.policy = RecomputeFromOffloadedInputs()
+    hc._runtime.policy = RecomputeWithOffloadedInputs()
     outputs: list = []
     _record_outputs(model, outputs)
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         for step in range(3):
             with hc:
                 loss = model(x)
@@ -364,9 +357,6 @@ def test_backward_inside_a_region_reaches_past_offloaded_inputs(selective):
             assert outputs and all(s.expired() for s in outputs), \
                 f"step {step}: {sum(not s.expired() for s in outputs)} of {len(outputs)} activations alive"
             outputs.clear()
-    finally:
-        if was_enabled:
-            gc.enable()
     assert hc.stats.offloaded_bytes == 2 * 64 * 128 * 4  # blocks 1 and 2's inputs (x is a leaf: never moved)
     settle(hc)
     assert hc.host_pool.in_use == 0 and hc.backend.poisoned == 0
@@ -545,9 +535,7 @@ def test_nothing_of_a_step_outlives_it_without_gc(policy):
     outputs: list = []
     _record_outputs(model, outputs)
     hc = runtime(model, policy, regions=list(model))
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         for _ in range(3):
             with hc:
                 loss = model(x).square().sum()
@@ -557,9 +545,6 @@ def test_nothing_of_a_step_outlives_it_without_gc(policy):
             assert outputs and all(s.expired() for s in outputs), \
                 f"{sum(not s.expired() for s in outputs)} of {len(outputs)} activations alive"
             outputs.clear()
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class ScalesItsInput(nn.Module):
@@ -589,9 +574,7 @@ def test_region_modifying_its_input_in_place_raises_and_leaks_nothing(policy):
     hc = runtime(model, policy, regions=list(model)) if policy else None
     error, match = (RuntimeError, "modified by an inplace operation") if policy is None else \
         (OffloadError, "modified in place")
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         for _ in range(3):
             with under(hc):
                 loss = model(x).square().sum()
@@ -601,9 +584,6 @@ def test_region_modifying_its_input_in_place_raises_and_leaks_nothing(policy):
             del info, loss
         if policy is not None:  # plain PyTorch keeps one activation of each failed backward alive
             assert all(s.expired() for s in outputs), f"{sum(not s.expired() for s in outputs)} alive"
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 # -- identity of saved tensors that need no grad --------------------------------------------------
@@ -853,10 +833,7 @@ def test_inner_grad_in_a_region_that_modifies_its_input_in_place(policy):
     x = torch.randn(32, 64, requires_grad=True)
     ref = grads_of(params + [x], model(x).square().sum())
     hc = runtime(model, policy, regions=[model[1], model[3]])
-    for _ in range(3):
-        with hc:
-            loss = model(x).square().sum()
-        assert_equal_lists(ref, grads_of(params + [x], loss))
+    assert_steps_match(hc, model, x, ref)
     if policy == "recompute":
         assert hc.stats.replays == 2
 

@@ -23,7 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from bench.gpt import make_batch
 from offload import EmulatedBackend, HybridCheckpointer, OffloadError
 
-from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, make_backend, settle, tiny_gpt, train, under
+from .conftest import MIN_OFFLOAD, TINY, assert_bitwise, collector_off, make_backend, settle, tiny_gpt, train, under
 
 N = 256 * 256  # elements; every storage below crosses the offload thresholds used here
 POLICIES = ["keep", "offload", "recompute", "auto"]
@@ -584,9 +584,6 @@ def test_dropping_model_and_checkpointer_frees_them_without_the_collector(policy
     hc = HybridCheckpointer(model, policy=policy, min_offload_bytes=MIN_OFFLOAD)
     train(model, hc, steps=3)
     gone = [weakref.ref(model), weakref.ref(hc)]
-    gc.disable()
-    try:
+    with collector_off():
         del model, hc
         assert [r() is None for r in gone] == [True, True]
-    finally:
-        gc.enable()

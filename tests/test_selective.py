@@ -19,7 +19,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext
 from offload import HybridCheckpointer
 import offload.core.selective as selective
 
-from .conftest import settle
+from .conftest import collector_off, settle
 from .test_integrations import CountMatmuls
 
 MM = torch.ops.aten.mm.default
@@ -336,10 +336,7 @@ def test_stored_op_outputs_die_with_their_step(decision, gc_on):
     x = torch.randn(64, 64, requires_grad=True)
     hc = HybridCheckpointer(model, policy="recompute", op_policy=policy, min_offload_bytes=0, keep_last=0,
                             host_budget="16MiB")
-    was_enabled = gc.isenabled()
-    if not gc_on:
-        gc.disable()
-    try:
+    with collector_off(not gc_on):
         for _ in range(3):
             with hc:
                 loss = model(x).sum()
@@ -351,9 +348,6 @@ def test_stored_op_outputs_die_with_their_step(decision, gc_on):
             assert len(stored) == 6
             assert all(s.expired() for s in stored), f"{sum(not s.expired() for s in stored)} of 6 alive"
             stored.clear()
-    finally:
-        if was_enabled:
-            gc.enable()
     if decision == "MUST_CPU_OFFLOAD":
         assert hc.stats.offloaded_bytes > 0
     settle(hc)
